@@ -1,0 +1,305 @@
+"""`CanopyMonitorCallback`: canopy entropy of held-out prompts at fixed training steps."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from transformers import TrainerCallback
+
+from .config import SamplingConfig
+from .measurement import Measurement, measure
+from .prompts import encode_prompts, load_prompts, model_context_length
+from .sinks import HistoryWriter, read_history, scalar_metrics
+
+logger = logging.getLogger(__name__)
+
+
+class CanopyMonitorCallback(TrainerCallback):
+    """Measure canopy entropy and the length-rate correlation while a model trains.
+
+    At each monitoring point the callback samples `num_rollouts` rollouts of every
+    held-out prompt from the model being trained, with a fixed decoding policy and
+    seed, and logs the pooled figures as `canopy/...` scalars through `trainer.log`,
+    so every `report_to` backend receives them at the current global step (W&B shows
+    them as `train/canopy/...` against `train/global_step`). With W&B active it also
+    logs a table of rollouts and a length-versus-entropy-rate scatter. Each point is
+    appended to `<output_dir>/canopy_monitor/history.jsonl`.
+
+    Points are taken before the first optimiser step, every `every_n_steps` steps,
+    and at the end of training. Sampling leaves the model's training mode and every
+    global random state as it found them, so training is not changed by monitoring.
+    A failure inside a monitoring point is logged as a warning and training goes on,
+    unless `strict=True`.
+
+    Usage:
+    ```python
+    from canopy_monitor import CanopyMonitorCallback
+
+    trainer = SFTTrainer(model=..., args=SFTConfig(...), train_dataset=...)
+    trainer.add_callback(CanopyMonitorCallback(trainer, prompts="heldout.jsonl", every_n_steps=50))
+    trainer.train()
+    ```
+
+    Args:
+        trainer (`transformers.Trainer`):
+            The trainer to monitor (TRL trainers included). Its `processing_class` is the
+            tokenizer unless `tokenizer` is given.
+        prompts (`list[str]`, list of chat conversations, or path to a JSON/JSONL file):
+            Held-out prompts. A file holds objects with a `prompt` field (a string or a
+            list of role/content messages).
+        every_n_steps (`int`, *optional*, defaults to `50`):
+            Steps between monitoring points.
+        num_prompts (`int`, *optional*):
+            Use only the first `num_prompts` prompts.
+        num_rollouts (`int`, *optional*, defaults to `8`):
+            Rollouts per prompt, at least 2.
+        max_new_tokens (`int`, *optional*, defaults to `128`):
+            Length cap of a rollout.
+        temperature, top_k, top_p (*optional*, default to `1.0`, `0`, `1.0`):
+            Decoding policy; entropies are of the distribution after these filters.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the sampler's own random stream, the same at every point.
+        use_chat_template (`bool`, *optional*, defaults to `True`):
+            Apply the tokenizer's chat template when it has one.
+        batch_size (`int`, *optional*, defaults to `32`):
+            Maximum rollouts generated together.
+        eos_token_ids (`list[int]`, *optional*):
+            End-of-sequence ids besides the model's and the tokenizer's.
+        tokenizer (*optional*):
+            Tokenizer to use instead of `trainer.processing_class`.
+        log_rollout_table (`bool`, *optional*, defaults to `True`):
+            Log the rollout table and scatter to W&B when W&B is active.
+        max_table_rollouts_per_prompt (`int`, *optional*, defaults to `4`):
+            Rollouts per prompt kept in the W&B table.
+        strict (`bool`, *optional*, defaults to `False`):
+            Re-raise a failure inside a monitoring point instead of logging it.
+
+    Raises:
+        `PromptError`: the prompts are missing, empty, malformed or too long for the model.
+        `ValueError`: a setting is out of range or there is no tokenizer.
+    """
+
+    def __init__(
+        self,
+        trainer,
+        prompts: str | os.PathLike | Sequence,
+        *,
+        every_n_steps: int = 50,
+        num_prompts: int | None = None,
+        num_rollouts: int = 8,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        use_chat_template: bool = True,
+        batch_size: int = 32,
+        eos_token_ids: Sequence[int] | None = None,
+        tokenizer=None,
+        log_rollout_table: bool = True,
+        max_table_rollouts_per_prompt: int = 4,
+        strict: bool = False,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+        self.trainer = trainer
+        self.every_n_steps = every_n_steps
+        self.sampling = SamplingConfig(
+            num_rollouts=num_rollouts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            use_chat_template=use_chat_template,
+            batch_size=batch_size,
+        )
+        self.tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(trainer)
+        self.prompts = load_prompts(prompts, limit=num_prompts)
+        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else None
+        self.log_rollout_table = log_rollout_table
+        self.max_table_rollouts_per_prompt = max_table_rollouts_per_prompt
+        self.strict = strict
+
+        # Encoding now raises for a prompt that does not fit the model's context, before training starts.
+        encode_prompts(
+            self.tokenizer,
+            self.prompts,
+            use_chat_template=self.sampling.use_chat_template,
+            max_new_tokens=self.sampling.max_new_tokens,
+            context_length=model_context_length(trainer.model),
+        )
+
+        self.history_path = Path(trainer.args.output_dir) / "canopy_monitor" / "history.jsonl"
+        self.history: list[dict] = []
+        self.num_errors = 0
+        self.monitor_seconds_total = 0.0
+        self._recorded_steps: set[int] = set()
+        self._reported_causes: set[str] = set()
+        self._train_start: float | None = None
+
+    # Trainer events
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._train_start = time.perf_counter()
+        if state.is_world_process_zero:
+            self._prepare_history(state.global_step)
+        self._monitor(state, control, kwargs.get("model"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every_n_steps == 0:
+            self._monitor(state, control, kwargs.get("model"))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._monitor(state, control, kwargs.get("model"))
+        if state.is_world_process_zero and self.history:
+            logger.info(
+                "canopy-monitor: %d monitoring points, %.1f s in all; history in %s",
+                len(self.history),
+                self.monitor_seconds_total,
+                self.history_path,
+            )
+
+    # Monitoring
+
+    def _prepare_history(self, global_step: int) -> None:
+        if global_step == 0 and self.history_path.exists():
+            # A fresh run in a reused output directory: keep the old history beside the new one.
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            previous = self.history_path.with_name(f"history.{stamp}.jsonl")
+            self.history_path.rename(previous)
+            logger.info("canopy-monitor: moved the history of an earlier run to %s", previous)
+        self._recorded_steps = {record["step"] for record in read_history(self.history_path)}
+
+    def _monitor(self, state, control, model) -> None:
+        step = state.global_step
+        if step in self._recorded_steps:
+            return
+        self._recorded_steps.add(step)
+        # NOTE: only the main process samples. Under several processes with sharded
+        # weights (DeepSpeed ZeRO-3, FSDP) generation would need every process, so
+        # monitoring is not yet supported there.
+        if not state.is_world_process_zero:
+            return
+
+        try:
+            measurement = self._measure(model)
+        except Exception as error:
+            if self.strict:
+                raise
+            self.num_errors += 1
+            self._warn_once(
+                type(error).__name__,
+                "canopy-monitor: the monitoring point at step %d failed and was skipped; training goes on. "
+                "Cause: %s: %s",
+                step,
+                type(error).__name__,
+                error,
+            )
+            self._log(control, {"canopy/monitor_errors": float(self.num_errors)})
+            return
+
+        self._publish(step, control, measurement)
+
+    def _measure(self, model) -> Measurement:
+        model = model if model is not None else self.trainer.model
+        accelerator = getattr(self.trainer, "accelerator", None)
+        if accelerator is not None:
+            model = accelerator.unwrap_model(model)
+        show_progress = not getattr(self.trainer.args, "disable_tqdm", False)
+        return measure(
+            model,
+            self.tokenizer,
+            self.prompts,
+            self.sampling,
+            eos_token_ids=self.eos_token_ids,
+            show_progress=show_progress,
+        )
+
+    def _log(self, control, metrics: dict[str, float]) -> None:
+        # `Trainer.log` clears `control.should_log`; the step's own loss log is still
+        # due, so the flag is put back. Without this the logged training losses change.
+        should_log = control.should_log
+        self.trainer.log(dict(metrics))
+        control.should_log = should_log
+
+    def _publish(self, step: int, control, measurement: Measurement) -> None:
+        pooled = measurement.pooled
+        self.monitor_seconds_total += measurement.seconds
+        metrics = scalar_metrics(pooled)
+        metrics["canopy/monitor_seconds"] = measurement.seconds
+        metrics["canopy/monitor_errors"] = float(self.num_errors)
+
+        for reason, count in pooled.undefined.items():
+            self._warn_once(reason, "canopy-monitor: NaN in %d prompt(s) at step %d: %s", count, step, reason)
+
+        self._log(control, metrics)
+        record = {
+            "step": step,
+            "metrics": metrics,
+            "num_prompts": pooled.num_prompts,
+            "num_rollouts": pooled.num_rollouts,
+            "undefined": pooled.undefined,
+        }
+        self.history.append(record)
+        HistoryWriter(self.history_path).append(**record)
+
+        logger.info(
+            "canopy-monitor step %d: CE*=%.3f±%.3f nats, entropy rate=%.3f nats/token, mean length=%.1f, "
+            "rho(N, r)=%.3f, truncation=%.2f (%.1f s)",
+            step,
+            pooled.ce_star,
+            pooled.ce_star_se,
+            pooled.entropy_rate,
+            pooled.mean_length,
+            pooled.rho_length_rate,
+            pooled.truncation_rate,
+            measurement.seconds,
+        )
+
+        if self.log_rollout_table:
+            self._log_wandb_media(step, measurement)
+
+    def _log_wandb_media(self, step: int, measurement: Measurement) -> None:
+        if "wandb" not in (self.trainer.args.report_to or []):
+            return
+        try:
+            import wandb
+
+            if wandb.run is None:
+                return
+            from .sinks.wandb_media import log_rollout_media
+
+            log_rollout_media(
+                wandb.run, measurement, step, max_rollouts_per_prompt=self.max_table_rollouts_per_prompt
+            )
+        except Exception as error:
+            if self.strict:
+                raise
+            self._warn_once(
+                "wandb-media",
+                "canopy-monitor: could not log the rollout table to W&B at step %d: %s",
+                step,
+                error,
+            )
+
+    def _warn_once(self, cause: str, message: str, *args) -> None:
+        if cause in self._reported_causes:
+            logger.debug(message, *args)
+            return
+        self._reported_causes.add(cause)
+        logger.warning(message, *args)
+
+
+def _tokenizer_of(trainer):
+    processing_class = getattr(trainer, "processing_class", None)
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer is None:
+        raise ValueError(
+            "the trainer has no processing_class (tokenizer); pass tokenizer= to CanopyMonitorCallback"
+        )
+    return tokenizer

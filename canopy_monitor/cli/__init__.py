@@ -1,0 +1,1 @@
+"""The `canopy-monitor` command line."""

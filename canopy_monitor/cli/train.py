@@ -1,0 +1,245 @@
+"""`canopy-monitor train`: LoRA fine-tuning with TRL's `SFTTrainer`, monitored by `CanopyMonitorCallback`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import logging
+import math
+import netrc
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from canopy_monitor.config import SamplingConfig
+from canopy_monitor.recipe import Recipe, RecipeError, load_recipe
+
+logger = logging.getLogger(__name__)
+
+HELDOUT_PROMPTS = "heldout"
+WANDB_DEFAULT_PROJECT = "canopy-monitor"
+WANDB_HOST = "api.wandb.ai"
+SUMMARY_METRICS = ("canopy/ce_star", "canopy/rho_length_rate")
+
+OVERRIDE_HELP = """\
+Any recipe field can be overridden after the recipe path, as in TRL's scripts:
+  --max_steps 4 --output_dir runs/x    a bare field name, looked up across all sections
+  --monitor.seed 3                     section.field, needed when a name is in several sections
+  --use_cpu                            a boolean flag alone sets it to true
+  --report_to wandb,tensorboard        lists are comma-separated
+  --num_examples null                  null sets an optional field to None
+Sections: model, dataset, peft, monitor, and training (every trl.SFTConfig field).
+
+W&B: with `wandb` in report_to and no W&B login (no WANDB_MODE, no WANDB_API_KEY, no
+api.wandb.ai entry in ~/.netrc), the run is logged offline. W&B files go under the
+output directory unless WANDB_DIR is set, and WANDB_PROJECT defaults to canopy-monitor.
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `train` subcommand to a CLI's subparsers and return its parser."""
+    parser = subparsers.add_parser(
+        "train",
+        help="Fine-tune a model with LoRA (TRL SFTTrainer) while monitoring canopy entropy.",
+        description="Fine-tune a model with LoRA using TRL's SFTTrainer and monitor its canopy entropy "
+        "on held-out prompts, as a recipe file describes.",
+        epilog=OVERRIDE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", help="Path to a recipe YAML file, e.g. recipes/sft-smollm2-cpu.yaml.")
+    return parser
+
+
+def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
+    """Train as the recipe says and print where the results are. Returns the exit code.
+
+    Every input is checked before training starts: the recipe and its overrides, the
+    `SFTConfig` arguments, the monitor settings, the prompts, the training set and the
+    model.
+
+    Raises:
+        RecipeError, PromptError, ModelNotFoundError, ValueError: an input is invalid.
+    """
+    recipe = load_recipe(args.recipe, extra_argv)
+
+    # Settings and prompts first: they fail in a second, the model takes longer to load.
+    SamplingConfig(**_sampling_settings(recipe))
+    from canopy_monitor.prompts import load_prompts
+
+    prompts = load_prompts(resolve_prompts_source(recipe.monitor.prompts), limit=recipe.monitor.num_prompts)
+
+    from canopy_monitor.training_data import build_training_dataset
+
+    train_dataset = build_training_dataset(recipe.dataset)
+
+    training_args = _build_training_args(recipe)
+    wandb_offline = "wandb" in training_args.report_to and configure_wandb_environment(
+        Path(training_args.output_dir)
+    )
+
+    from canopy_monitor.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    trainer = _build_trainer(recipe, training_args, model, tokenizer, train_dataset)
+
+    from canopy_monitor.callback import CanopyMonitorCallback
+
+    monitor = CanopyMonitorCallback(
+        trainer,
+        prompts,
+        every_n_steps=recipe.monitor.every_n_steps,
+        log_rollout_table=recipe.monitor.log_rollout_table,
+        strict=recipe.monitor.strict,
+        **_sampling_settings(recipe),
+    )
+    trainer.add_callback(monitor)
+    _save_resolved_recipe(recipe, Path(training_args.output_dir))
+
+    trainer.train()
+
+    wandb_run_dir = _finish_wandb_run()
+    print(format_summary(monitor.history_path, wandb_run_dir, wandb_offline))
+    return 0
+
+
+def resolve_prompts_source(prompts: str) -> str | Path:
+    """Return the prompts file a recipe names: the packaged held-out set for `"heldout"`, else the path itself."""
+    if prompts != HELDOUT_PROMPTS:
+        return prompts
+    resource = importlib.resources.files("canopy_monitor").joinpath("data", "heldout_prompts.jsonl")
+    # Package data installed as plain files has a real path; a zipped install would need `as_file`.
+    return Path(str(resource))
+
+
+def configure_wandb_environment(output_dir: Path, environ: dict[str, str] | None = None) -> bool:
+    """Set W&B environment defaults for a run that reports to W&B, and return whether it runs offline.
+
+    Without any W&B configuration (no `WANDB_MODE`, no `WANDB_API_KEY` and no
+    `api.wandb.ai` entry in `~/.netrc`) the run is logged offline instead of prompting
+    for a login. W&B files go under `output_dir` unless `WANDB_DIR` is set, and
+    `WANDB_PROJECT` defaults to `"canopy-monitor"`.
+
+    Args:
+        output_dir (`Path`): the trainer's output directory.
+        environ (`dict[str, str]`, *optional*): environment to change; defaults to `os.environ`.
+    """
+    environ = os.environ if environ is None else environ
+
+    if "WANDB_MODE" not in environ and "WANDB_API_KEY" not in environ and not _netrc_has_wandb_login():
+        environ["WANDB_MODE"] = "offline"
+        logger.info("No W&B login found, so the W&B run is logged offline.")
+
+    if "WANDB_DIR" not in environ:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        environ["WANDB_DIR"] = str(output_dir.resolve())
+    environ.setdefault("WANDB_PROJECT", WANDB_DEFAULT_PROJECT)
+    return environ["WANDB_MODE"].lower() in ("offline", "dryrun") if "WANDB_MODE" in environ else False
+
+
+def _netrc_has_wandb_login() -> bool:
+    try:
+        return netrc.netrc().authenticators(WANDB_HOST) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def format_summary(history_path: Path, wandb_run_dir: Path | None, wandb_offline: bool) -> str:
+    """Return the closing message of a training run: where its results are and how the headline figures moved."""
+    from canopy_monitor.sinks import read_history
+
+    lines = [f"Monitoring history: {history_path}"]
+    if wandb_run_dir is not None:
+        lines.append(f"W&B run folder: {wandb_run_dir}")
+        if wandb_offline:
+            lines.append(f"Upload it with: wandb sync {wandb_run_dir}")
+
+    records = read_history(history_path)
+    if not records:
+        lines.append("No monitoring point was recorded; see the warnings above.")
+        return "\n".join(lines)
+
+    first, last = records[0], records[-1]
+    for name in SUMMARY_METRICS:
+        before = _format_number(first.get("metrics", {}).get(name))
+        after = _format_number(last.get("metrics", {}).get(name))
+        lines.append(f"{name}: {before} at step {first.get('step')} -> {after} at step {last.get('step')}")
+    return "\n".join(lines)
+
+
+def _format_number(value: Any) -> str:
+    if value is None:
+        return "missing"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    return f"{value:.3f}"
+
+
+def _sampling_settings(recipe: Recipe) -> dict[str, Any]:
+    monitor = recipe.monitor
+    return {
+        "num_rollouts": monitor.num_rollouts,
+        "max_new_tokens": monitor.max_new_tokens,
+        "temperature": monitor.temperature,
+        "top_k": monitor.top_k,
+        "top_p": monitor.top_p,
+        "seed": monitor.seed,
+        "use_chat_template": monitor.use_chat_template,
+        "batch_size": monitor.batch_size,
+    }
+
+
+def _build_training_args(recipe: Recipe) -> Any:
+    from trl import SFTConfig
+
+    if "output_dir" not in recipe.training:
+        raise RecipeError("The recipe must set training.output_dir (or pass --output_dir).")
+    try:
+        return SFTConfig(**recipe.training)
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"Invalid training settings: {error}") from None
+
+
+def _build_trainer(recipe: Recipe, training_args: Any, model: Any, tokenizer: Any, train_dataset: Any) -> Any:
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    peft_config = LoraConfig(
+        r=recipe.peft.r,
+        lora_alpha=recipe.peft.lora_alpha,
+        lora_dropout=recipe.peft.lora_dropout,
+        target_modules=recipe.peft.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def _save_resolved_recipe(recipe: Recipe, output_dir: Path) -> None:
+    """Write the recipe with its overrides applied, so the run can be repeated."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+    logger.info("Recipe with overrides written to %s", path)
+
+
+def _finish_wandb_run() -> Path | None:
+    """Close the W&B run the trainer opened and return its folder, or `None` without one."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    if wandb.run is None:
+        return None
+
+    # `run.dir` is the run's `files` folder; `wandb sync` takes the folder above it.
+    run_dir = Path(wandb.run.dir).parent
+    wandb.finish()
+    return run_dir

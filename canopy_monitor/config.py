@@ -1,0 +1,68 @@
+"""Typed settings shared by the sampler, the callback and the command line."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding policy and budget of one monitoring point.
+
+    These settings stay fixed for a whole run, so that two monitoring points differ
+    only in the weights (common random numbers).
+
+    Args:
+        num_rollouts (`int`, *optional*, defaults to `8`):
+            Rollouts sampled per prompt (`M`). At least 2; correlations need at least 3
+            and their pooled weights `M - 3` need at least 4.
+        max_new_tokens (`int`, *optional*, defaults to `128`):
+            Length cap `T`. A rollout that reaches it without an end-of-sequence token
+            is truncated.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature of the decoding policy.
+        top_k (`int`, *optional*, defaults to `0`):
+            Keep only the `top_k` most likely tokens; `0` disables the filter.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus filter; `1.0` disables it.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the sampler's own random stream, reused at every monitoring point.
+        use_chat_template (`bool`, *optional*, defaults to `True`):
+            Format prompts with the tokenizer's chat template when it has one.
+            `False` feeds plain text.
+        batch_size (`int`, *optional*, defaults to `32`):
+            Maximum number of rollouts generated together in one `generate` call.
+            Rounded down to a whole number of prompts, and never below one prompt.
+    """
+
+    num_rollouts: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    use_chat_template: bool = True
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_rollouts, int) or self.num_rollouts < 2:
+            raise ValueError(
+                f"num_rollouts must be an integer of at least 2, got {self.num_rollouts!r}: "
+                "canopy entropy needs several rollouts per prompt (8 or more is typical)."
+            )
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.")
+        if not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be greater than 0, got {self.temperature!r}: "
+                "canopy entropy is defined for sampling, not greedy decoding."
+            )
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,483 @@
+"""Training recipes: a YAML file of typed sections, overridable from the command line.
+
+A recipe names the model to fine-tune, its training set, the LoRA adapter, the monitor
+settings and the `trl.SFTConfig` arguments:
+
+```yaml
+model: smollm2-135m-instruct
+dataset: {name: python-docstrings, num_examples: 960, seed: 0}
+peft: {r: 16, lora_alpha: 32, lora_dropout: 0.05}
+monitor: {prompts: heldout, every_n_steps: 30, num_rollouts: 8, max_new_tokens: 96}
+training: {output_dir: runs/sft, max_steps: 120, learning_rate: 2.0e-4, report_to: [wandb]}
+```
+
+Every field can be overridden with TRL-style arguments (see [`apply_overrides`]):
+`--max_steps 4`, `--monitor.seed 3`, `--use_cpu` (a boolean flag), `--report_to wandb,tensorboard`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import functools
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe file or a command-line override that cannot be used."""
+
+
+@dataclass
+class DatasetConfig:
+    """Training set of a recipe.
+
+    Args:
+        name (`str`, *optional*, defaults to `"python-docstrings"`):
+            Built-in data set, built at run time (see `canopy_monitor.training_data`).
+        path (`str` or `None`, *optional*, defaults to `None`):
+            JSONL file of the user's own examples, in TRL's conversational format (a
+            `messages` column) or prompt/completion format. When set, it replaces `name`.
+        num_examples (`int` or `None`, *optional*, defaults to `None`):
+            Number of examples to keep after a seeded shuffle. `None` keeps them all.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the shuffle and of any random choice made while building the examples.
+    """
+
+    name: str = "python-docstrings"
+    path: str | None = None
+    num_examples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_examples is not None and self.num_examples < 1:
+            raise RecipeError(f"dataset.num_examples must be a positive integer or null, got {self.num_examples}.")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter trained in place of the full weights (the recipe's `peft` section).
+
+    Args:
+        r (`int`, *optional*, defaults to `16`):
+            Rank of the update matrices.
+        lora_alpha (`int`, *optional*, defaults to `32`):
+            Scaling numerator; the update is scaled by `lora_alpha / r`.
+        lora_dropout (`float`, *optional*, defaults to `0.05`):
+            Dropout on the adapter's input.
+        target_modules (`list[str]` or `None`, *optional*, defaults to `None`):
+            Names of the modules to adapt. `None` lets peft choose its default for the
+            model's architecture (the attention query and value projections for Llama).
+    """
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise RecipeError(f"peft.r must be a positive integer, got {self.r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise RecipeError(f"peft.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+
+@dataclass
+class MonitorConfig:
+    """Settings of the canopy monitor, passed to `CanopyMonitorCallback`.
+
+    The callback validates them; see its docstring for the meaning of each field.
+
+    Args:
+        prompts (`str`, *optional*, defaults to `"heldout"`):
+            Held-out prompts: `"heldout"` for the packaged set, or a path to a prompts file.
+        num_prompts (`int` or `None`, *optional*, defaults to `None`):
+            Use only the first `num_prompts` prompts. `None` uses them all.
+    """
+
+    prompts: str = "heldout"
+    num_prompts: int | None = None
+    every_n_steps: int = 50
+    num_rollouts: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    use_chat_template: bool = True
+    batch_size: int = 32
+    log_rollout_table: bool = True
+    strict: bool = False
+
+
+# Sections given by a dataclass. `training` is checked against `trl.SFTConfig` instead.
+SECTIONS: dict[str, type] = {"dataset": DatasetConfig, "peft": LoraSettings, "monitor": MonitorConfig}
+TRAINING_SECTION = "training"
+TOP_LEVEL_FIELDS: dict[str, type] = {"model": str}
+
+
+@dataclass
+class Recipe:
+    """A loaded recipe.
+
+    Args:
+        model (`str`):
+            Model alias or local path, as accepted by `canopy_monitor.models.load_model_and_tokenizer`.
+        dataset (`DatasetConfig`): training set.
+        peft (`LoraSettings`): LoRA adapter.
+        monitor (`MonitorConfig`): monitor settings.
+        training (`dict[str, Any]`):
+            Keyword arguments of `trl.SFTConfig`, type-checked against its fields.
+        source (`Path` or `None`): the file the recipe was read from.
+    """
+
+    model: str
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    peft: LoraSettings = field(default_factory=LoraSettings)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    training: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the recipe as plain data, in the layout of a recipe file."""
+        return {
+            "model": self.model,
+            "dataset": dataclasses.asdict(self.dataset),
+            "peft": dataclasses.asdict(self.peft),
+            "monitor": dataclasses.asdict(self.monitor),
+            "training": dict(self.training),
+        }
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe file, apply command-line overrides and check every value.
+
+    Args:
+        path (`str` or `Path`): YAML recipe file.
+        overrides (`Sequence[str]`, *optional*): arguments such as `["--max_steps", "4"]`,
+            applied with [`apply_overrides`].
+
+    Raises:
+        RecipeError: the file is missing or is not valid YAML, or a section, key, value
+            or override is invalid. The message names the offending input.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"Recipe file not found: {path}") from None
+    except OSError as error:
+        raise RecipeError(f"Cannot read recipe file {path}: {error.strerror}") from None
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"Recipe file {path} is not valid YAML: {error}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"Recipe file {path} must contain a mapping of sections, got {type(raw).__name__}.")
+
+    raw = apply_overrides(raw, overrides)
+    recipe = recipe_from_dict(raw)
+    recipe.source = path
+    return recipe
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """Build a `Recipe` from plain data, checking every section, key and value type."""
+    known = [*TOP_LEVEL_FIELDS, *SECTIONS, TRAINING_SECTION]
+    for key in raw:
+        if key not in known:
+            raise RecipeError(_unknown_message(f"recipe section {key!r}", key, known))
+    if raw.get("model") is None:
+        raise RecipeError("The recipe must name a model, e.g. `model: smollm2-135m-instruct`, or pass --model.")
+
+    model = _check_value("model", raw["model"], str)
+    sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+
+    training = raw.get(TRAINING_SECTION) or {}
+    if not isinstance(training, dict):
+        raise RecipeError(f"Recipe section 'training' must be a mapping, got {type(training).__name__}.")
+    training_types = sft_config_field_types()
+    checked_training = {}
+    for key, value in training.items():
+        if key not in training_types:
+            raise RecipeError(
+                _unknown_message(f"key 'training.{key}' (not a trl.SFTConfig field)", key, list(training_types))
+            )
+        checked_training[key] = _check_value(f"training.{key}", value, training_types[key])
+
+    return Recipe(model=model, training=checked_training, **sections)
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"Recipe section {name!r} must be a mapping, got {type(values).__name__}.")
+
+    field_types = dataclass_field_types(cls)
+    checked = {}
+    for key, value in values.items():
+        if key not in field_types:
+            raise RecipeError(_unknown_message(f"key '{name}.{key}'", key, list(field_types)))
+        checked[key] = _check_value(f"{name}.{key}", value, field_types[key])
+    return cls(**checked)
+
+
+@functools.cache
+def dataclass_field_types(cls: type) -> dict[str, Any]:
+    """Return the resolved type annotation of each field of a dataclass, by field name."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def sft_config_field_types() -> dict[str, Any]:
+    """Return the type annotation of each `trl.SFTConfig` field, by field name."""
+    from trl import SFTConfig
+
+    return dataclass_field_types(SFTConfig)
+
+
+# Overrides
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of the recipe data with command-line overrides applied.
+
+    The syntax follows TRL's scripts:
+
+    - `--field value` or `--field=value`. A bare field name is looked up across all
+      sections and must name exactly one field; `--section.field value` names it fully
+      (`--monitor.seed 3`). Dashes in names count as underscores.
+    - `--flag` with no value sets a boolean field to true; `--flag false` clears it.
+    - Values are converted to the field's type. A list is written comma-separated
+      (`--target_modules q_proj,v_proj`), and `null` sets an optional field to `None`.
+    - `training` fields are those of `trl.SFTConfig`.
+
+    Raises:
+        RecipeError: an argument is not an option, names no field or more than one, or
+            its value cannot be converted. Unknown names come with close matches.
+    """
+    result = {key: (dict(value) if isinstance(value, dict) else value) for key, value in raw.items()}
+    index = _override_index()
+
+    position = 0
+    while position < len(overrides):
+        argument = overrides[position]
+        position += 1
+        if not argument.startswith("--") or len(argument) == 2:
+            raise RecipeError(f"Unexpected argument {argument!r}: overrides must look like `--field value`.")
+
+        name, has_equals, text = argument[2:].partition("=")
+        name = name.replace("-", "_")
+        section, key, field_type = _resolve_override(name, index)
+
+        if not has_equals:
+            takes_value = position < len(overrides) and not overrides[position].startswith("--")
+            if takes_value:
+                text = overrides[position]
+                position += 1
+            elif _allows(field_type, bool):
+                text = "true"
+            else:
+                raise RecipeError(f"Override --{name} needs a value (expected {_type_name(field_type)}).")
+
+        value = _convert_text(f"--{name}", text, field_type)
+        if section is None:
+            result[key] = value
+        else:
+            target = result.get(section)
+            if not isinstance(target, dict):
+                target = {}
+            target[key] = value
+            result[section] = target
+    return result
+
+
+def _override_index() -> dict[str, list[tuple[str | None, str, Any]]]:
+    """Map every accepted override name, bare and dotted, to the fields it may mean."""
+    index: dict[str, list[tuple[str | None, str, Any]]] = {}
+    for key, field_type in TOP_LEVEL_FIELDS.items():
+        index.setdefault(key, []).append((None, key, field_type))
+
+    all_sections = {name: dataclass_field_types(cls) for name, cls in SECTIONS.items()}
+    all_sections[TRAINING_SECTION] = sft_config_field_types()
+    for section, field_types in all_sections.items():
+        for key, field_type in field_types.items():
+            entry = (section, key, field_type)
+            index.setdefault(key, []).append(entry)
+            index[f"{section}.{key}"] = [entry]
+    return index
+
+
+def _resolve_override(name: str, index: dict[str, list]) -> tuple[str | None, str, Any]:
+    candidates = index.get(name)
+    if not candidates:
+        raise RecipeError(_unknown_message(f"override --{name}", name, list(index), prefix="--"))
+    if len(candidates) > 1:
+        full_names = ", ".join(f"--{section}.{key}" for section, key, _ in candidates)
+        raise RecipeError(f"Override --{name} is ambiguous: it matches {full_names}. Use one of those names.")
+    return candidates[0]
+
+
+def _unknown_message(what: str, name: str, known: Sequence[str], prefix: str = "") -> str:
+    matches = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    message = f"Unknown {what}."
+    if matches:
+        message += " Did you mean " + " or ".join(f"{prefix}{match}" for match in matches) + "?"
+    return message
+
+
+# Type checks and conversions
+
+
+def _members(field_type: Any) -> tuple[Any, ...]:
+    """Return the members of a union type, or the type itself as a one-member tuple."""
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType):
+        return typing.get_args(field_type)
+    return (field_type,)
+
+
+def _allows(field_type: Any, wanted: type) -> bool:
+    return any(member is wanted for member in _members(field_type))
+
+
+def _type_name(field_type: Any) -> str:
+    names = []
+    for member in _members(field_type):
+        if member is type(None):
+            names.append("null")
+        elif typing.get_origin(member) is typing.Literal:
+            names.extend(repr(arg) for arg in typing.get_args(member))
+        elif typing.get_origin(member) is not None:
+            names.append(str(member).replace("typing.", ""))
+        else:
+            names.append(getattr(member, "__name__", str(member)))
+    return " or ".join(names)
+
+
+_NO_MATCH = object()
+
+
+def _check_value(label: str, value: Any, field_type: Any) -> Any:
+    """Return `value` if it fits `field_type` (ints are accepted and converted where floats are)."""
+    for member in _members(field_type):
+        checked = _match(value, member)
+        if checked is not _NO_MATCH:
+            return checked
+    raise RecipeError(f"{label} must be {_type_name(field_type)}, got {value!r} ({type(value).__name__}).")
+
+
+def _match(value: Any, member: Any) -> Any:
+    origin = typing.get_origin(member)
+    if member is Any:
+        return value
+    if member is type(None):
+        return None if value is None else _NO_MATCH
+    if origin is typing.Literal:
+        return value if value in typing.get_args(member) else _NO_MATCH
+    if member is bool:
+        return value if isinstance(value, bool) else _NO_MATCH
+    if member is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO_MATCH
+    if member is float:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if is_number else _NO_MATCH
+    if member is str:
+        return value if isinstance(value, str) else _NO_MATCH
+    if isinstance(member, type) and issubclass(member, enum.Enum):
+        return value if isinstance(value, (str, member)) else _NO_MATCH
+    if member is list or origin is list:
+        if not isinstance(value, list):
+            return _NO_MATCH
+        (item_type,) = typing.get_args(member) or (Any,)
+        items = [_match(item, item_type) for item in value]
+        return _NO_MATCH if any(item is _NO_MATCH for item in items) else items
+    if member is dict or origin is dict:
+        return value if isinstance(value, dict) else _NO_MATCH
+    return value if isinstance(member, type) and isinstance(value, member) else _NO_MATCH
+
+
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def _convert_text(label: str, text: str, field_type: Any) -> Any:
+    """Convert command-line text to a value of `field_type`.
+
+    Union members are tried from the most specific to the least (null, booleans,
+    numbers, lists, mappings, strings), so `--report_to wandb` stays a string and
+    `--report_to wandb,tensorboard` becomes a list.
+    """
+    members = _members(field_type)
+    lowered = text.strip().lower()
+    if type(None) in members and (lowered == "null" or (lowered == "none" and str not in members)):
+        return None
+
+    def rank(member: Any) -> int:
+        origin = typing.get_origin(member)
+        if member is bool or origin is typing.Literal:
+            return 0
+        if member in (int, float):
+            return 1
+        if member is list or origin is list:
+            return 2 if "," in text or str not in members else 6
+        if member is dict or origin is dict:
+            return 3
+        return 5
+
+    for member in sorted((m for m in members if m is not type(None)), key=rank):
+        value = _convert_member(text, member)
+        if value is not _NO_MATCH:
+            return value
+    raise RecipeError(f"Invalid value for {label}: {text!r} is not {_type_name(field_type)}.")
+
+
+def _convert_member(text: str, member: Any) -> Any:
+    origin = typing.get_origin(member)
+    lowered = text.strip().lower()
+    if member is bool:
+        if lowered in _TRUE_WORDS:
+            return True
+        if lowered in _FALSE_WORDS:
+            return False
+        return _NO_MATCH
+    if origin is typing.Literal:
+        for choice in typing.get_args(member):
+            if isinstance(choice, bool) and _convert_member(text, bool) is choice:
+                return choice
+            if str(choice) == text:
+                return choice
+        return _NO_MATCH
+    if member is int:
+        try:
+            return int(text)
+        except ValueError:
+            return _NO_MATCH
+    if member is float:
+        try:
+            return float(text)
+        except ValueError:
+            return _NO_MATCH
+    if member is list or origin is list:
+        (item_type,) = typing.get_args(member) or (str,)
+        items = [_convert_member(item.strip(), item_type) for item in text.split(",") if item.strip()]
+        return _NO_MATCH if any(item is _NO_MATCH for item in items) else items
+    if member is dict or origin is dict:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return _NO_MATCH
+        return value if isinstance(value, dict) else _NO_MATCH
+    if member is str or member is Any or (isinstance(member, type) and issubclass(member, enum.Enum)):
+        return text
+    return _NO_MATCH

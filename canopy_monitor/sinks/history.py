@@ -1,0 +1,50 @@
+"""The monitoring history: one JSON line per monitoring point."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .metrics import json_safe
+
+
+class HistoryWriter:
+    """Append `{"step": ..., "metrics": {...}, ...}` lines to a JSONL file.
+
+    Each line is written and flushed in one call, so a reader sees whole lines
+    while training goes on. NaN figures are written as `null`.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def append(self, step: int, metrics: dict[str, float], **fields) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = json_safe({"step": int(step), "metrics": metrics, **fields})
+        line = json.dumps(record, allow_nan=False)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    def steps(self) -> list[int]:
+        """Return the steps already recorded, in file order."""
+        return [record["step"] for record in read_history(self.path)]
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """Read every complete line of a history file; a missing file is an empty history.
+
+    A last line cut short by a crash is skipped.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -1,0 +1,224 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from canopy_monitor import CanopyMonitorCallback
+from canopy_monitor.prompts import PromptError
+
+from conftest import make_model, make_tokenizer
+from wandb_records import history_rows as wandb_history_rows
+
+HELDOUT = [
+    "what is the sum of two plus two ?",
+    "tell me a story",
+    "how do i write a python function",
+    "hello world",
+]
+FIXED_METRICS = [
+    "canopy/ce_star",
+    "canopy/ce_star_se",
+    "canopy/entropy_rate",
+    "canopy/mean_length",
+    "canopy/rho_length_rate",
+    "canopy/truncation_rate",
+]
+
+
+def training_set(size: int = 32) -> Dataset:
+    rows = []
+    for index in range(size):
+        word = f"w{index % 20}"
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"what is {word} ?"},
+                    {"role": "assistant", "content": f"{word} is the answer ."},
+                ]
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def make_trainer(output_dir: Path, *, max_steps: int = 6, report_to="none", seed: int = 42, use_peft: bool = False):
+    from trl import SFTConfig, SFTTrainer
+
+    peft_config = None
+    if use_peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=report_to,
+        seed=seed,
+        max_length=64,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return SFTTrainer(
+        model=make_model(seed=0),
+        args=args,
+        train_dataset=training_set(),
+        processing_class=make_tokenizer(),
+        peft_config=peft_config,
+    )
+
+
+def read_history(output_dir: Path) -> list[dict]:
+    path = output_dir / "canopy_monitor" / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def training_losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_callback_in_sft_trainer_writes_history(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=5)
+    callback = CanopyMonitorCallback(trainer, prompts=HELDOUT, every_n_steps=2, num_rollouts=4, max_new_tokens=12)
+    trainer.add_callback(callback)
+
+    trainer.train()
+
+    history = read_history(tmp_path)
+    assert [record["step"] for record in history] == [0, 2, 4, 5]
+    for record in history:
+        for name in FIXED_METRICS:
+            assert name in record["metrics"]
+        assert record["num_prompts"] == 4
+        assert record["metrics"]["canopy/ce_star"] > 0
+        ce_star = record["metrics"]["canopy/ce_star"]
+        parts = record["metrics"]["canopy/length_driven"] + record["metrics"]["canopy/conveyance"]
+        assert parts == pytest.approx(ce_star, rel=1e-9)
+    logged_steps = [entry["step"] for entry in trainer.state.log_history if "canopy/ce_star" in entry]
+    assert logged_steps == [0, 2, 4, 5]
+    assert trainer.model.training
+
+
+def test_callback_with_lora_model(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, use_peft=True)
+    trainer.add_callback(CanopyMonitorCallback(trainer, prompts=HELDOUT[:2], every_n_steps=1, num_rollouts=3, max_new_tokens=8))
+
+    trainer.train()
+
+    assert [record["step"] for record in read_history(tmp_path)] == [0, 1, 2]
+
+
+def test_same_weights_same_figures(tmp_path):
+    # With a learning rate of 0 the weights never change, so common random numbers make
+    # every monitoring point identical.
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.args.learning_rate = 0.0
+    trainer.add_callback(CanopyMonitorCallback(trainer, prompts=HELDOUT, every_n_steps=1, num_rollouts=4, max_new_tokens=10))
+
+    trainer.train()
+
+    history = read_history(tmp_path)
+    assert len(history) == 3
+    for record in history[1:]:
+        assert record["metrics"]["canopy/ce_star"] == history[0]["metrics"]["canopy/ce_star"]
+        assert record["metrics"]["canopy/mean_length"] == history[0]["metrics"]["canopy/mean_length"]
+
+
+def test_training_losses_identical_with_and_without_monitor(tmp_path):
+    plain = make_trainer(tmp_path / "plain", max_steps=6)
+    plain.train()
+
+    monitored = make_trainer(tmp_path / "monitored", max_steps=6)
+    monitored.add_callback(CanopyMonitorCallback(monitored, prompts=HELDOUT, every_n_steps=2, num_rollouts=4, max_new_tokens=10))
+    monitored.train()
+
+    assert len(training_losses(plain)) == 6
+    assert training_losses(monitored) == training_losses(plain)
+
+
+def test_failure_inside_point_does_not_stop_training(tmp_path, caplog, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=3)
+    callback = CanopyMonitorCallback(trainer, prompts=HELDOUT[:2], every_n_steps=1, num_rollouts=3, max_new_tokens=6)
+    trainer.add_callback(callback)
+    calls = {"count": 0}
+    original = callback._measure
+
+    def flaky(model):
+        calls["count"] += 1
+        if calls["count"] == 2:
+            raise RuntimeError("simulated out of memory")
+        return original(model)
+
+    monkeypatch.setattr(callback, "_measure", flaky)
+
+    with caplog.at_level("WARNING"):
+        trainer.train()
+
+    assert trainer.state.global_step == 3
+    assert [record["step"] for record in read_history(tmp_path)] == [0, 2, 3]
+    assert callback.num_errors == 1
+    assert "simulated out of memory" in caplog.text
+    assert trainer.model.training
+
+
+def test_strict_reraises(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    callback = CanopyMonitorCallback(trainer, prompts=HELDOUT[:1], num_rollouts=2, max_new_tokens=4, strict=True)
+    trainer.add_callback(callback)
+    monkeypatch.setattr(callback, "_measure", lambda model: (_ for _ in ()).throw(RuntimeError("boom")))
+
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+
+
+def test_real_offline_wandb_run(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "canopy-monitor-tests")
+    trainer = make_trainer(tmp_path / "out", max_steps=3, report_to=["wandb"])
+    trainer.add_callback(CanopyMonitorCallback(trainer, prompts=HELDOUT[:3], every_n_steps=2, num_rollouts=4, max_new_tokens=8))
+
+    trainer.train()
+    run_dir = Path(wandb.run.dir).parent
+    wandb.finish()
+
+    run_files = list(run_dir.glob("*.wandb"))
+    assert len(run_files) == 1
+    history_rows = wandb_history_rows(run_files[0])
+
+    ce_rows = [row for row in history_rows if "train/canopy/ce_star" in row]
+    assert [int(float(row["train/global_step"])) for row in ce_rows] == [0, 2, 3]
+    monitored = read_history(tmp_path / "out")
+    for row, record in zip(ce_rows, monitored):
+        assert float(row["train/canopy/ce_star"]) == pytest.approx(record["metrics"]["canopy/ce_star"])
+        assert "train/canopy/rho_length_rate" in row
+    table_rows = [row for row in history_rows if row.get("canopy/rollouts/_type") == '"table-file"']
+    assert [int(float(row["train/global_step"])) for row in table_rows] == [0, 2, 3]
+    # 3 prompts x 4 rollouts, all kept (the default keeps up to 4 per prompt).
+    assert {row["canopy/rollouts/nrows"] for row in table_rows} == {"12"}
+    # The scatter is stored as a table of all 12 (length, entropy rate) points.
+    assert {row["canopy/length_vs_entropy_rate_table/nrows"] for row in table_rows} == {"12"}
+
+
+def test_bad_inputs_raise_before_training(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1)
+
+    with pytest.raises(ValueError, match="num_rollouts"):
+        CanopyMonitorCallback(trainer, prompts=HELDOUT, num_rollouts=1)
+    with pytest.raises(PromptError, match="not found"):
+        CanopyMonitorCallback(trainer, prompts=str(tmp_path / "missing.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(PromptError):
+        CanopyMonitorCallback(trainer, prompts=str(empty))
+    with pytest.raises(PromptError, match="context"):
+        CanopyMonitorCallback(trainer, prompts=["hello " * 300], max_new_tokens=8)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        CanopyMonitorCallback(trainer, prompts=HELDOUT, every_n_steps=0)
