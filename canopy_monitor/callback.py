@@ -23,9 +23,9 @@ class CanopyMonitorCallback(TrainerCallback):
 
     At each monitoring point the callback samples `num_rollouts` rollouts of every
     held-out prompt from the model being trained, with a fixed decoding policy and
-    seed, and logs the pooled figures as `canopy/...` scalars through `trainer.log`,
-    so every `report_to` backend receives them at the current global step (W&B shows
-    them as `train/canopy/...` against `train/global_step`). With W&B active it also
+    seed. It logs the pooled figures as `canopy/...` scalars through `trainer.log`, so
+    every `report_to` backend receives them at the current global step. W&B shows
+    them as `train/canopy/...` against `train/global_step`. With W&B active it also
     logs a table of rollouts and a length-versus-entropy-rate scatter. Each point is
     appended to `<output_dir>/canopy_monitor/history.jsonl`.
 

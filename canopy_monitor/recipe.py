@@ -69,7 +69,7 @@ class LoraSettings:
         r (`int`, *optional*, defaults to `16`):
             Rank of the update matrices.
         lora_alpha (`int`, *optional*, defaults to `32`):
-            Scaling numerator; the update is scaled by `lora_alpha / r`.
+            Scaling numerator: the update is scaled by `lora_alpha / r`.
         lora_dropout (`float`, *optional*, defaults to `0.05`):
             Dropout on the adapter's input.
         target_modules (`list[str]` or `None`, *optional*, defaults to `None`):
@@ -93,7 +93,7 @@ class LoraSettings:
 class MonitorConfig:
     """Settings of the canopy monitor, passed to `CanopyMonitorCallback`.
 
-    The callback validates them; see its docstring for the meaning of each field.
+    The callback validates them, and its docstring gives the meaning of each field.
 
     Args:
         prompts (`str`, *optional*, defaults to `"heldout"`):
@@ -115,6 +115,13 @@ class MonitorConfig:
     batch_size: int = 32
     log_rollout_table: bool = True
     strict: bool = False
+
+    def __post_init__(self) -> None:
+        # The callback checks these too, but only once the model is loaded.
+        if self.every_n_steps < 1:
+            raise RecipeError(f"monitor.every_n_steps must be a positive integer, got {self.every_n_steps}.")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise RecipeError(f"monitor.num_prompts must be a positive integer or null, got {self.num_prompts}.")
 
 
 # Sections given by a dataclass. `training` is checked against `trl.SFTConfig` instead.
@@ -174,7 +181,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     except FileNotFoundError:
         raise RecipeError(f"Recipe file not found: {path}") from None
     except OSError as error:
-        raise RecipeError(f"Cannot read recipe file {path}: {error.strerror}") from None
+        raise RecipeError(f"Failed to read recipe file {path}: {error.strerror}") from None
 
     try:
         raw = yaml.safe_load(text)
@@ -329,9 +336,9 @@ def _resolve_override(name: str, index: dict[str, list]) -> tuple[str | None, st
     return candidates[0]
 
 
-def _unknown_message(what: str, name: str, known: Sequence[str], prefix: str = "") -> str:
+def _unknown_message(subject: str, name: str, known: Sequence[str], prefix: str = "") -> str:
     matches = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    message = f"Unknown {what}."
+    message = f"Unknown {subject}."
     if matches:
         message += " Did you mean " + " or ".join(f"{prefix}{match}" for match in matches) + "?"
     return message
@@ -347,8 +354,8 @@ def _members(field_type: Any) -> tuple[Any, ...]:
     return (field_type,)
 
 
-def _allows(field_type: Any, wanted: type) -> bool:
-    return any(member is wanted for member in _members(field_type))
+def _allows(field_type: Any, expected: type) -> bool:
+    return any(member is expected for member in _members(field_type))
 
 
 def _type_name(field_type: Any) -> str:

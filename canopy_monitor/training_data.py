@@ -104,7 +104,7 @@ def build_training_dataset(config: DatasetConfig) -> Dataset:
 
     Raises:
         RecipeError: the name is unknown, the file is missing or malformed, or fewer
-            examples exist than `num_examples` asks for.
+            examples exist than `num_examples` requests.
     """
     if config.path is not None:
         if config.name != DatasetConfig.name:
@@ -240,7 +240,7 @@ def _describe(value: Any, name: str, owner: str, owner_kind: str) -> Iterator[tu
 
 
 def _defined_in(value: Any, module: Any) -> bool:
-    """Whether `value` belongs to `module` rather than being imported into it.
+    """Return whether `value` belongs to `module` rather than being imported into it.
 
     A C accelerator such as `_heapq` counts as part of `heapq`.
     """
@@ -331,7 +331,7 @@ def read_jsonl_examples(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise RecipeError(f"Dataset file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"Cannot read dataset file {path}: {error}") from None
+        raise RecipeError(f"Failed to read dataset file {path}: {error}") from None
 
     rows = []
     formats = set()
@@ -363,7 +363,7 @@ def read_jsonl_examples(path: Path) -> list[dict[str, Any]]:
             raise RecipeError(f"{where} needs a `messages` field or `prompt` and `completion` fields.")
 
         if len(formats) > 1:
-            raise RecipeError(f"{where} mixes formats ({', '.join(sorted(formats))}); use one format per file.")
+            raise RecipeError(f"{where} mixes formats ({', '.join(sorted(formats))}). Use one format per file.")
 
     if not rows:
         raise RecipeError(f"Dataset file {path} contains no examples.")

@@ -172,6 +172,10 @@ def test_invalid_value_raises(tmp_path):
         load_recipe(write(tmp_path, "model: m\ndataset: {num_examples: 0}\n"))
     with pytest.raises(RecipeError, match="lora_dropout"):
         load_recipe(write(tmp_path, "model: m\npeft: {lora_dropout: 1.5}\n"))
+    with pytest.raises(RecipeError, match="monitor.every_n_steps must be a positive integer"):
+        load_recipe(write(tmp_path, "model: m\nmonitor: {every_n_steps: 0}\n"))
+    with pytest.raises(RecipeError, match="monitor.num_prompts must be a positive integer"):
+        load_recipe(write(tmp_path, "model: m\nmonitor: {num_prompts: -1}\n"))
 
 
 def test_recipe_error_is_value_error():

@@ -58,7 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return evaluate.run(args)
     except (PromptError, ModelNotFoundError, UsageError, ValueError, FileNotFoundError) as error:
         # Inputs a user can get wrong: one line, no traceback. With --verbose the
-        # traceback is logged too, for bug reports.
+        # traceback is logged too, for bug reports. Once training has started, an
+        # exception is not an input error and keeps its traceback.
+        if getattr(args, "training_started", False):
+            raise
         logger.debug("input error", exc_info=True)
         print(f"canopy-monitor {args.command}: error: {error}", file=sys.stderr)
         return 2

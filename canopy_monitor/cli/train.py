@@ -14,8 +14,13 @@ from typing import Any
 
 import yaml
 
+from canopy_monitor.callback import CanopyMonitorCallback
 from canopy_monitor.config import SamplingConfig
+from canopy_monitor.models import load_model_and_tokenizer
+from canopy_monitor.prompts import load_prompts
 from canopy_monitor.recipe import Recipe, RecipeError, load_recipe
+from canopy_monitor.sinks import read_history
+from canopy_monitor.training_data import build_training_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
-    """Train as the recipe says and print where the results are. Returns the exit code.
+    """Fine-tune the model a recipe describes, print where the results are and return the exit code.
 
     Every input is checked before training starts: the recipe and its overrides, the
     `SFTConfig` arguments, the monitor settings, the prompts, the training set and the
@@ -65,27 +70,16 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
     """
     recipe = load_recipe(args.recipe, extra_argv)
 
-    # Settings and prompts first: they fail in a second, the model takes longer to load.
+    # Check the cheap inputs first, because loading the model takes far longer.
     SamplingConfig(**_sampling_settings(recipe))
-    from canopy_monitor.prompts import load_prompts
-
     prompts = load_prompts(resolve_prompts_source(recipe.monitor.prompts), limit=recipe.monitor.num_prompts)
-
-    from canopy_monitor.training_data import build_training_dataset
 
     train_dataset = build_training_dataset(recipe.dataset)
 
     training_args = _build_training_args(recipe)
-    wandb_offline = "wandb" in training_args.report_to and configure_wandb_environment(
-        Path(training_args.output_dir)
-    )
-
-    from canopy_monitor.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(recipe.model)
     trainer = _build_trainer(recipe, training_args, model, tokenizer, train_dataset)
-
-    from canopy_monitor.callback import CanopyMonitorCallback
 
     monitor = CanopyMonitorCallback(
         trainer,
@@ -96,8 +90,15 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
         **_sampling_settings(recipe),
     )
     trainer.add_callback(monitor)
-    _save_resolved_recipe(recipe, Path(training_args.output_dir))
 
+    # The trainer opens the W&B run when training starts, so the environment is read then.
+    output_dir = Path(training_args.output_dir)
+    wandb_offline = "wandb" in training_args.report_to and configure_wandb_environment(output_dir)
+    _save_resolved_recipe(recipe, output_dir)
+
+    # From here on an exception is a failure of training, not of the inputs, and the
+    # CLI shows it with its traceback.
+    args.training_started = True
     trainer.train()
 
     wandb_run_dir = _finish_wandb_run()
@@ -110,7 +111,8 @@ def resolve_prompts_source(prompts: str) -> str | Path:
     if prompts != HELDOUT_PROMPTS:
         return prompts
     resource = importlib.resources.files("canopy_monitor").joinpath("data", "heldout_prompts.jsonl")
-    # Package data installed as plain files has a real path; a zipped install would need `as_file`.
+    # NOTE: this assumes package data installed as plain files. A zipped install would need
+    # `importlib.resources.as_file` to extract the file first.
     return Path(str(resource))
 
 
@@ -130,13 +132,13 @@ def configure_wandb_environment(output_dir: Path, environ: dict[str, str] | None
 
     if "WANDB_MODE" not in environ and "WANDB_API_KEY" not in environ and not _netrc_has_wandb_login():
         environ["WANDB_MODE"] = "offline"
-        logger.info("No W&B login found, so the W&B run is logged offline.")
+        logger.info("No W&B login found, so the W&B run is logged offline. Run `wandb login` to log online.")
 
     if "WANDB_DIR" not in environ:
         output_dir.mkdir(parents=True, exist_ok=True)
         environ["WANDB_DIR"] = str(output_dir.resolve())
     environ.setdefault("WANDB_PROJECT", WANDB_DEFAULT_PROJECT)
-    return environ["WANDB_MODE"].lower() in ("offline", "dryrun") if "WANDB_MODE" in environ else False
+    return environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
 
 
 def _netrc_has_wandb_login() -> bool:
@@ -148,8 +150,6 @@ def _netrc_has_wandb_login() -> bool:
 
 def format_summary(history_path: Path, wandb_run_dir: Path | None, wandb_offline: bool) -> str:
     """Return the closing message of a training run: where its results are and how the headline figures moved."""
-    from canopy_monitor.sinks import read_history
-
     lines = [f"Monitoring history: {history_path}"]
     if wandb_run_dir is not None:
         lines.append(f"W&B run folder: {wandb_run_dir}")
@@ -163,16 +163,19 @@ def format_summary(history_path: Path, wandb_run_dir: Path | None, wandb_offline
 
     first, last = records[0], records[-1]
     for name in SUMMARY_METRICS:
-        before = _format_number(first.get("metrics", {}).get(name))
-        after = _format_number(last.get("metrics", {}).get(name))
+        before = _format_metric(first, name)
+        after = _format_metric(last, name)
         lines.append(f"{name}: {before} at step {first.get('step')} -> {after} at step {last.get('step')}")
     return "\n".join(lines)
 
 
-def _format_number(value: Any) -> str:
-    if value is None:
+def _format_metric(record: dict[str, Any], name: str) -> str:
+    metrics = record.get("metrics", {})
+    if name not in metrics:
         return "missing"
-    if isinstance(value, float) and math.isnan(value):
+    value = metrics[name]
+    # The history file stores an undefined figure (NaN) as null.
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "NaN"
     return f"{value:.3f}"
 
@@ -239,7 +242,9 @@ def _finish_wandb_run() -> Path | None:
     if wandb.run is None:
         return None
 
-    # `run.dir` is the run's `files` folder; `wandb sync` takes the folder above it.
-    run_dir = Path(wandb.run.dir).parent
+    # `run.dir` is the run's `files` folder, and `wandb sync` takes the folder above it.
+    # A disabled run (WANDB_MODE=disabled) writes nothing worth pointing to.
+    disabled = os.environ.get("WANDB_MODE", "").lower() == "disabled"
+    run_dir = None if disabled else Path(wandb.run.dir).parent
     wandb.finish()
     return run_dir

@@ -22,7 +22,7 @@ class Correlation:
     """Coefficients of association between two series of one prompt.
 
     `covariance` uses the unbiased divisor `n - 1`. A coefficient that is undefined
-    is NaN, and `reason` says why (`None` when every coefficient is defined).
+    is NaN, and `reason` gives the cause (`None` when every coefficient is defined).
     """
 
     n: int
@@ -80,7 +80,7 @@ def correlate(x: torch.Tensor, y: torch.Tensor, *, x_name: str = "x", y_name: st
 
     Returns:
         `Correlation`. With `n < 3`, or a constant series, the three coefficients are
-        NaN and `reason` says why; the covariance is NaN only for `n < 2`.
+        NaN and `reason` gives the cause, while the covariance is NaN only for `n < 2`.
     """
     if x.shape != y.shape or x.dim() != 1:
         raise ValueError(f"x and y must be 1-D tensors of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")

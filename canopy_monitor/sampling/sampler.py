@@ -88,9 +88,10 @@ def _generation_config(config: SamplingConfig, eos_token_ids: list[int], pad_tok
     # processor, so each one is set to its neutral value here. Explicit values also
     # keep the model's own generation defaults (top_k=50 for many models, a
     # temperature, a min_p) from changing the policy; min_p=0.0 is a no-op.
-    # NOTE: a `top_h`, `typical_p`, `epsilon_cutoff` or `eta_cutoff` set in the
-    # model's generation config is neutralised the same way; a watermarking config
-    # would still act after the recorder.
+    # `typical_p`, `epsilon_cutoff` and `eta_cutoff` from the model's generation
+    # config are neutralised the same way.
+    # NOTE: a `top_h` or a watermarking config in the model's generation config would
+    # still act after the recorder, so the recorded entropies would not match the policy.
     return GenerationConfig(
         do_sample=True,
         num_beams=1,
@@ -122,7 +123,9 @@ def preserved_state(model, seed: int) -> Iterator[None]:
     python_state = random.getstate()
     numpy_state = np.random.get_state()
     device = _model_device(model)
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    cuda_devices = []
+    if device.type == "cuda":
+        cuda_devices.append(device.index if device.index is not None else torch.cuda.current_device())
     try:
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(seed)

@@ -9,7 +9,7 @@ from .metrics import json_safe
 def measurement_report(measurement: Measurement, **config) -> dict:
     """Build `{"config", "pooled", "prompts"}` from a measurement.
 
-    `config` holds what identifies the run (model, prompt source, ...); the sampling
+    `config` contains what identifies the run (model, prompt source, ...); the sampling
     settings are added to it. Each entry of `prompts` has the prompt text, its figures
     and its `rollouts` (`text`, `length`, `entropy_sum`, `surprisal_sum`, `entropy_rate`,
     `truncated`). NaN becomes `null`.
