@@ -219,6 +219,11 @@ def _convert_gguf_checkpoint(gguf_folder: Path, output_dir: Path) -> None:
     """Dequantise the GGUF model to float32 and save it as a plain transformers checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelNotFoundError(
+            f"Converting {DEFAULT_MODEL} needs the `gguf` package, which is not installed. "
+            "Run `pip install 'gguf>=0.10'` (a dependency of canopy-monitor), or pass a local model directory."
+        )
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=_GGUF_FILE)
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=_GGUF_FILE)
 

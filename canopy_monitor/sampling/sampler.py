@@ -128,7 +128,12 @@ def preserved_state(model, seed: int) -> Iterator[None]:
         cuda_devices.append(device.index if device.index is not None else torch.cuda.current_device())
     try:
         with torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(seed)
+            # Not `torch.manual_seed`, which would also reseed CUDA devices that
+            # fork_rng does not restore.
+            torch.random.default_generator.manual_seed(seed)
+            for index in cuda_devices:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
             model.eval()
             yield
     finally:
