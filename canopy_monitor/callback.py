@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 from .config import SamplingConfig
 from .measurement import Measurement, measure
 from .prompts import encode_prompts, load_prompts, model_context_length
+from .sampling import resolve_eos_token_ids
 from .sinks import HistoryWriter, read_history, scalar_metrics
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ class CanopyMonitorCallback(TrainerCallback):
         self.max_table_rollouts_per_prompt = max_table_rollouts_per_prompt
         self.strict = strict
 
-        # Encoding now raises for a prompt that does not fit the model's context, before training starts.
+        # Both raise now, before training starts, rather than at every monitoring point.
+        resolve_eos_token_ids(trainer.model, self.tokenizer, self.eos_token_ids)
         encode_prompts(
             self.tokenizer,
             self.prompts,
@@ -140,15 +142,17 @@ class CanopyMonitorCallback(TrainerCallback):
         self.monitor_seconds_total = 0.0
         self._recorded_steps: set[int] = set()
         self._reported_causes: set[str] = set()
-        self._train_start: float | None = None
 
     # Trainer events
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._train_start = time.perf_counter()
         if state.is_world_process_zero:
             self._prepare_history(state.global_step)
-        self._monitor(state, control, kwargs.get("model"))
+        # The first point is taken before the first optimiser step. A resumed run
+        # continues the schedule: it measures at its checkpoint's step only when that
+        # step is on the schedule and its point is missing from the history.
+        if state.global_step % self.every_n_steps == 0:
+            self._monitor(state, control, kwargs.get("model"))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every_n_steps == 0:
@@ -167,13 +171,26 @@ class CanopyMonitorCallback(TrainerCallback):
     # Monitoring
 
     def _prepare_history(self, global_step: int) -> None:
-        if global_step == 0 and self.history_path.exists():
-            # A fresh run in a reused output directory: keep the old history beside the new one.
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            previous = self.history_path.with_name(f"history.{stamp}.jsonl")
-            self.history_path.rename(previous)
-            logger.info("canopy-monitor: moved the history of an earlier run to %s", previous)
-        self._recorded_steps = {record["step"] for record in read_history(self.history_path)}
+        if global_step == 0:
+            if self.history_path.exists():
+                # A fresh run in a reused output directory: keep the old history beside the new one.
+                previous = _unused_path(self.history_path, time.strftime("%Y%m%d-%H%M%S"))
+                self.history_path.rename(previous)
+                logger.info("canopy-monitor: moved the history of an earlier run to %s", previous)
+            self._recorded_steps = set()
+            return
+
+        # A resumed run repeats the steps after its checkpoint.
+        before = len(read_history(self.history_path))
+        kept = HistoryWriter(self.history_path).keep_until(global_step)
+        if len(kept) < before:
+            logger.info(
+                "canopy-monitor: resuming at step %d, so %d later monitoring point(s) were dropped from %s",
+                global_step,
+                before - len(kept),
+                self.history_path,
+            )
+        self._recorded_steps = {record["step"] for record in kept}
 
     def _monitor(self, state, control, model) -> None:
         step = state.global_step
@@ -293,6 +310,15 @@ class CanopyMonitorCallback(TrainerCallback):
             return
         self._reported_causes.add(cause)
         logger.warning(message, *args)
+
+
+def _unused_path(path: Path, stamp: str) -> Path:
+    candidate = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    counter = 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}.{stamp}-{counter}{path.suffix}")
+        counter += 1
+    return candidate
 
 
 def _tokenizer_of(trainer):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+# Below this, logits divided by the temperature can overflow float32 to infinity.
+MIN_TEMPERATURE = 1e-30
 
 
 @dataclass(frozen=True)
@@ -20,13 +24,14 @@ class SamplingConfig:
             Length cap `T`. A rollout that reaches it without an end-of-sequence token
             is truncated.
         temperature (`float`, *optional*, defaults to `1.0`):
-            Softmax temperature of the decoding policy.
+            Softmax temperature of the decoding policy, at least `1e-30`.
         top_k (`int`, *optional*, defaults to `0`):
             Keep only the `top_k` most likely tokens; `0` disables the filter.
         top_p (`float`, *optional*, defaults to `1.0`):
             Nucleus filter; `1.0` disables it.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the sampler's own random stream, reused at every monitoring point.
+            From 0 to `2**63 - 1`.
         use_chat_template (`bool`, *optional*, defaults to `True`):
             Format prompts with the tokenizer's chat template when it has one.
             `False` feeds plain text.
@@ -52,15 +57,17 @@ class SamplingConfig:
             )
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.")
-        if not self.temperature > 0:
+        if not isinstance(self.temperature, (int, float)) or not MIN_TEMPERATURE <= self.temperature < math.inf:
             raise ValueError(
-                f"temperature must be greater than 0, got {self.temperature!r}: "
-                "canopy entropy is defined for sampling, not greedy decoding."
+                f"temperature must be a finite number of at least {MIN_TEMPERATURE}, got {self.temperature!r}. "
+                "Canopy entropy is defined for sampling; for greedy decoding use top_k=1."
             )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}.")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
 

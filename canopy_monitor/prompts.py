@@ -199,6 +199,8 @@ def _read_prompt_file(path: Path, limit: int | None) -> list[Prompt]:
         content = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise PromptError(f"Prompts file {str(path)!r} is not valid UTF-8: {error}.") from error
+    except OSError as error:
+        raise PromptError(f"Failed to read prompts file {str(path)!r}: {error.strerror or error}.") from error
     if not content.strip():
         raise PromptError(f"Prompts file {str(path)!r} is empty: expected at least one prompt.")
 
@@ -208,7 +210,9 @@ def _read_prompt_file(path: Path, limit: int | None) -> list[Prompt]:
 
 
 def _parse_jsonl(path: Path, content: str) -> Iterator[Prompt]:
-    for line_number, line in enumerate(content.splitlines(), start=1):
+    # Split on newlines only: `str.splitlines` also splits on U+2028 and other
+    # separators that JSON strings may contain unescaped.
+    for line_number, line in enumerate(content.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{str(path)!r}, line {line_number}"
@@ -216,6 +220,8 @@ def _parse_jsonl(path: Path, content: str) -> Iterator[Prompt]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise PromptError(f"Malformed JSON in prompts file {where}: {error.msg} (column {error.colno}).") from error
+        except RecursionError:
+            raise PromptError(f"Malformed JSON in prompts file {where}: nested too deeply.") from None
         yield _prompt_from_record(record, where)
 
 
@@ -226,6 +232,8 @@ def _parse_json(path: Path, content: str) -> Iterator[Prompt]:
         raise PromptError(
             f"Malformed JSON in prompts file {str(path)!r}, line {error.lineno}: {error.msg} (column {error.colno})."
         ) from error
+    except RecursionError:
+        raise PromptError(f"Malformed JSON in prompts file {str(path)!r}: nested too deeply.") from None
     if not isinstance(records, list):
         raise PromptError(
             f"Prompts file {str(path)!r} must contain a JSON list of objects with a 'prompt' field, "
@@ -281,11 +289,20 @@ def _prompts_from_object(source: Any) -> Iterator[Prompt]:
             yield _make_prompt(item, where)
 
 
+def _check_encodable(text: str, where: str) -> None:
+    # A lone surrogate (from an escaped "\ud800" in JSON) cannot be tokenized.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PromptError(f"Invalid prompt at {where}: the text is not valid Unicode ({error.reason}).") from None
+
+
 def _make_prompt(value: Any, where: str) -> Prompt:
     """Build a prompt from a string or a list of role/content messages."""
     if isinstance(value, str):
         if not value.strip():
             raise PromptError(f"Empty prompt at {where}: expected non-blank text.")
+        _check_encodable(value, where)
         return Prompt(text=value)
 
     if isinstance(value, (list, tuple)):
@@ -313,6 +330,7 @@ def _make_message(message: Any, where: str, index: int) -> dict[str, str]:
             )
     if not message["role"].strip():
         raise PromptError(f"Invalid message {index} at {where}: 'role' is empty.")
+    _check_encodable(message["content"], f"{where}, message {index}")
 
     # A copy, so that later edits to the caller's dict cannot change a frozen Prompt.
     return dict(message)

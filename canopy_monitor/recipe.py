@@ -180,13 +180,15 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"Recipe file not found: {path}") from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"Recipe file {path} is not valid UTF-8: {error.reason} at byte {error.start}.") from None
     except OSError as error:
         raise RecipeError(f"Failed to read recipe file {path}: {error.strerror}") from None
 
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise RecipeError(f"Recipe file {path} is not valid YAML: {error}") from None
+        raise RecipeError(f"Recipe file {path} is not valid YAML: {_yaml_problem(error)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -196,6 +198,15 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     recipe = recipe_from_dict(raw)
     recipe.source = path
     return recipe
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Describe a YAML error on one line: the problem and where it is."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return problem
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +60,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
-    output = Path(args.output)
-    if output.parent and not output.parent.exists():
-        output.parent.mkdir(parents=True, exist_ok=True)
-
-    device = args.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _resolve_device(args.device)
+    output = _prepare_output(Path(args.output))
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
     logger.info(
         "evaluating %s on %d prompts x %d rollouts, cap %d tokens", args.model, len(prompts), config.num_rollouts, config.max_new_tokens
@@ -78,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("NaN in %d prompt(s): %s", count, reason)
 
     report = measurement_report(measurement, model=args.model, prompts_file=os.fspath(args.prompts))
-    output.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    _write_atomically(output, json.dumps(report, indent=2, allow_nan=False) + "\n")
 
     pooled = measurement.pooled
     print(
@@ -89,3 +83,54 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {output}")
     return 0
+
+
+def _resolve_device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; expected e.g. cpu, cuda or cuda:1.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r} was requested, but this torch build has no CUDA device available.")
+    return name
+
+
+def _prepare_output(output: Path) -> Path:
+    """Check that `output` can be written, before any time is spent measuring.
+
+    Creates its folder when missing, and raises `ValueError` when the path is a
+    folder or the folder cannot be created or written to.
+    """
+    if output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a directory; expected a file path such as result.json.")
+    if output.exists() and not output.is_file():
+        # The result is renamed into place, which would replace a device or a pipe.
+        raise ValueError(f"--output {str(output)!r} exists and is not a regular file.")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", delete=True):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output {str(output)!r} cannot be written: {error.strerror or error}.") from None
+    return output
+
+
+def _write_atomically(output: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `output` and rename it into place,
+    so a failed write never leaves a half-written result."""
+    temporary = None
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", encoding="utf-8", dir=output.parent, prefix=f".{output.name}.", suffix=".tmp", delete=False
+        ) as handle:
+            temporary = Path(handle.name)
+            handle.write(text)
+        os.replace(temporary, output)
+    except OSError as error:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        raise ValueError(f"Failed to write --output {str(output)!r}: {error.strerror or error}.") from None

@@ -8,6 +8,7 @@ import logging
 import math
 import netrc
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
     train_dataset = build_training_dataset(recipe.dataset)
 
     training_args = _build_training_args(recipe)
+    _check_output_dir(Path(training_args.output_dir))
 
     model, tokenizer = load_model_and_tokenizer(recipe.model)
     trainer = _build_trainer(recipe, training_args, model, tokenizer, train_dataset)
@@ -203,6 +205,18 @@ def _build_training_args(recipe: Recipe) -> Any:
         return SFTConfig(**recipe.training)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"Invalid training settings: {error}") from None
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Raise `RecipeError` unless `output_dir` is, or can become, a writable folder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RecipeError(f"training.output_dir {str(output_dir)!r} exists and is not a directory.")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise RecipeError(f"training.output_dir {str(output_dir)!r} cannot be written: {error.strerror or error}.") from None
 
 
 def _build_trainer(recipe: Recipe, training_args: Any, model: Any, tokenizer: Any, train_dataset: Any) -> Any:

@@ -50,7 +50,11 @@ class PromptRollouts:
 
 def resolve_eos_token_ids(model, tokenizer, extra: Sequence[int] | None = None) -> list[int]:
     """Collect every end-of-sequence id: the generation config's (an int or a list),
-    the tokenizer's, and `extra`."""
+    the tokenizer's, and `extra`.
+
+    Raises:
+        `ValueError`: an id in `extra` is not a non-negative integer, or there is no id at all.
+    """
     ids: list[int] = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
@@ -59,7 +63,10 @@ def resolve_eos_token_ids(model, tokenizer, extra: Sequence[int] | None = None) 
         ids.extend(int(i) for i in configured)
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
-    ids.extend(int(i) for i in extra or ())
+    for token_id in extra or ():
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise ValueError(f"eos_token_ids must be non-negative integer token ids, got {token_id!r}.")
+        ids.append(token_id)
     unique = sorted(set(ids))
     if not unique:
         raise ValueError(
@@ -110,6 +117,50 @@ def _generation_config(config: SamplingConfig, eos_token_ids: list[int], pad_tok
     )
 
 
+# Fields of the model's own generation config that shape the distribution before the
+# warpers (penalties, banned and forced tokens). They stay part of the decoding policy.
+# Every other field (stop strings, assisted decoding, output options) is dropped while
+# the monitor samples, because it would change what `generate` returns or how it runs.
+_POLICY_FIELDS = (
+    "repetition_penalty",
+    "encoder_repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "sequence_bias",
+    "min_length",
+    "min_new_tokens",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+    "bos_token_id",
+    "decoder_start_token_id",
+)
+
+
+@contextlib.contextmanager
+def policy_generation_defaults(model) -> Iterator[None]:
+    """Reduce the model's generation config to the fields of `_POLICY_FIELDS` while
+    sampling, and put the original back afterwards.
+
+    `generate` fills every field that the passed config leaves unset from
+    `model.generation_config`, so a model that ships, say, `stop_strings` or
+    `return_dict_in_generate=True` would otherwise break sampling.
+    """
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = getattr(owner, "generation_config", None)
+    if original is None:
+        yield
+        return
+    kept = {name: getattr(original, name) for name in _POLICY_FIELDS if getattr(original, name, None) is not None}
+    owner.generation_config = GenerationConfig(**kept)
+    try:
+        yield
+    finally:
+        owner.generation_config = original
+
+
 @contextlib.contextmanager
 def preserved_state(model, seed: int) -> Iterator[None]:
     """Seed a private random stream for sampling and restore everything afterwards.
@@ -117,9 +168,9 @@ def preserved_state(model, seed: int) -> Iterator[None]:
     Torch's CPU and CUDA generators are forked (`torch.random.fork_rng`), so
     `generate`'s `torch.multinomial` draws from a stream seeded with `seed` and the
     global state is put back on exit. Python's and NumPy's global states are saved
-    and restored too, as is the model's training mode.
+    and restored too, as are the training modes of the model and of each submodule.
     """
-    was_training = model.training
+    training_modes = {module: module.training for module in model.modules()}
     python_state = random.getstate()
     numpy_state = np.random.get_state()
     device = _model_device(model)
@@ -137,7 +188,8 @@ def preserved_state(model, seed: int) -> Iterator[None]:
             model.eval()
             yield
     finally:
-        model.train(was_training)
+        for module, training in training_modes.items():
+            module.training = training
         random.setstate(python_state)
         np.random.set_state(numpy_state)
 
@@ -238,7 +290,11 @@ def sample_rollouts(
 
         progress = tqdm(total=len(prompts), desc="canopy-monitor sampling", unit="prompt", leave=False)
 
-    with preserved_state(model, config.seed):
+    with contextlib.ExitStack() as stack:
+        if progress is not None:
+            stack.callback(progress.close)
+        stack.enter_context(preserved_state(model, config.seed))
+        stack.enter_context(policy_generation_defaults(model))
         for batch in batches:
             input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_token_id, device)
             recorder = StepEntropyRecorder()
@@ -272,6 +328,4 @@ def sample_rollouts(
             if progress is not None:
                 progress.update(len(batch))
 
-    if progress is not None:
-        progress.close()
     return [results[i] for i in range(len(prompts))]

@@ -22,9 +22,30 @@ class HistoryWriter:
     def append(self, step: int, metrics: dict[str, float], **fields) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = json_safe({"step": int(step), "metrics": metrics, **fields})
-        line = json.dumps(record, allow_nan=False)
+        line = json.dumps(record, allow_nan=False) + "\n"
+        # A line cut short by a crash gets its own line ending first, so that it
+        # cannot swallow this record.
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open("rb") as handle:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    line = "\n" + line
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+            handle.write(line)
+
+    def keep_until(self, step: int) -> list[dict]:
+        """Drop the records after `step`, rewriting the file atomically, and return the rest.
+
+        A run resumed from the checkpoint of `step` repeats the steps after it, so
+        their earlier records would otherwise appear twice or out of order.
+        """
+        records = read_history(self.path)
+        kept = [record for record in records if record.get("step", -1) <= step]
+        if len(kept) < len(records):
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text("".join(json.dumps(record, allow_nan=False) + "\n" for record in kept), encoding="utf-8")
+            os.replace(temporary, self.path)
+        return kept
 
     def steps(self) -> list[int]:
         """Return the steps already recorded, in file order."""
