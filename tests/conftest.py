@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -78,3 +79,19 @@ def tokenizer():
 @pytest.fixture
 def tiny_model():
     return make_model()
+
+
+@pytest.fixture(autouse=True)
+def fresh_wandb_settings():
+    """Close any W&B run a test left open and reset W&B's process-wide settings.
+
+    `wandb` reads settings such as `WANDB_DIR` once per process, so without the reset a
+    later test's run would be written to an earlier test's folder.
+    """
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()
