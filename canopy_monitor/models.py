@@ -130,18 +130,27 @@ def load_model_and_tokenizer(
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, **model_kwargs)
     except OSError as error:
-        raise ModelNotFoundError(f"Model {name_or_path!r} could not be loaded ({error}): {_ACCEPTED}.") from error
+        raise ModelNotFoundError(
+            f"Model {name_or_path!r} could not be loaded ({_one_line(error)}): {_ACCEPTED}."
+        ) from error
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as error:
         # transformers raises ValueError when a folder has a config but no tokenizer files.
-        raise ModelNotFoundError(f"The tokenizer of model {name_or_path!r} could not be loaded: {error}") from error
+        raise ModelNotFoundError(
+            f"The tokenizer of model {name_or_path!r} could not be loaded: {_one_line(error)}"
+        ) from error
 
     if device is not None:
         model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _one_line(error: Exception) -> str:
+    # transformers' messages span several lines; the CLI prints errors on one.
+    return " ".join(str(error).split())
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
