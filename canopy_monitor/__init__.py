@@ -4,7 +4,15 @@ while it fine-tunes."""
 from .callback import CanopyMonitorCallback
 from .config import SamplingConfig
 from .measurement import Measurement, measure
+from .models import load_model_and_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["CanopyMonitorCallback", "Measurement", "SamplingConfig", "measure", "__version__"]
+__all__ = [
+    "CanopyMonitorCallback",
+    "Measurement",
+    "SamplingConfig",
+    "load_model_and_tokenizer",
+    "measure",
+    "__version__",
+]

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .config import SamplingConfig
 from .measurement import Measurement, measure
@@ -24,9 +24,10 @@ class CanopyMonitorCallback(TrainerCallback):
 
     At each monitoring point the callback samples `num_rollouts` rollouts of every
     held-out prompt from the model being trained, with a fixed decoding policy and
-    seed. It logs the pooled figures as `canopy/...` scalars through `trainer.log`, so
-    every `report_to` backend receives them at the current global step. W&B shows
-    them as `train/canopy/...` against `train/global_step`. With W&B active it also
+    seed. It logs the pooled figures as `canopy/...` scalars through `Trainer.log`, so
+    every `report_to` backend receives them at the current global step. The W&B and
+    TensorBoard integrations of transformers prefix them, as every training log, with
+    `train/`: `train/canopy/ce_star` against `train/global_step`. With W&B active it also
     logs a table of rollouts and a length-versus-entropy-rate scatter. Each point is
     appended to `<output_dir>/canopy_monitor/history.jsonl`.
 
@@ -122,6 +123,12 @@ class CanopyMonitorCallback(TrainerCallback):
         self.tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(trainer)
         self.prompts = load_prompts(prompts, limit=num_prompts)
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else None
+        if num_rollouts < 4:
+            logger.warning(
+                "canopy-monitor: num_rollouts=%d, so the pooled Pearson and Spearman correlations "
+                "(canopy/rho_length_rate) will be NaN: they need at least 4 rollouts per prompt.",
+                num_rollouts,
+            )
         self.log_rollout_table = log_rollout_table
         self.max_table_rollouts_per_prompt = max_table_rollouts_per_prompt
         self.strict = strict
@@ -238,10 +245,16 @@ class CanopyMonitorCallback(TrainerCallback):
         )
 
     def _log(self, control, metrics: dict[str, float]) -> None:
-        # `Trainer.log` clears `control.should_log`; the step's own loss log is still
+        # `Trainer.log` of transformers itself, not a subclass override: TRL's trainers
+        # add and reset their accumulated metrics (token accuracy, entropy) in theirs,
+        # which would move those metrics into this entry and change their windows.
+        # `Trainer.log` clears `control.should_log`, and the step's own loss log is still
         # due, so the flag is put back. Without this the logged training losses change.
         should_log = control.should_log
-        self.trainer.log(dict(metrics))
+        if isinstance(self.trainer, Trainer):
+            Trainer.log(self.trainer, dict(metrics))
+        else:
+            self.trainer.log(dict(metrics))
         control.should_log = should_log
 
     def _publish(self, step: int, control, measurement: Measurement) -> None:
@@ -259,7 +272,7 @@ class CanopyMonitorCallback(TrainerCallback):
             "step": step,
             "metrics": metrics,
             "num_prompts": pooled.num_prompts,
-            "num_rollouts": pooled.num_rollouts,
+            "total_rollouts": pooled.total_rollouts,
             "undefined": pooled.undefined,
         }
         self.history.append(record)

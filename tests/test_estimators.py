@@ -103,7 +103,7 @@ def test_pooling_hand_computed():
     pooled = pool_prompts([first, second])
 
     assert pooled.num_prompts == 2
-    assert pooled.num_rollouts == 11
+    assert pooled.total_rollouts == 11
     assert pooled.ce_star == pytest.approx((first.ce_star + second.ce_star) / 2)
     assert pooled.mean_length == pytest.approx((first.mean_length + second.mean_length) / 2)
     assert pooled.entropy_rate == pytest.approx((first.entropy_rate + second.entropy_rate) / 2)
@@ -133,6 +133,14 @@ def test_pooling_counts_undefined_reasons():
     pooled = pool_prompts([constant, constant, varied])
     assert pooled.undefined == {"length-rate correlation undefined: length is the same for every rollout": 2}
     assert pooled.rho_length_rate == pytest.approx(varied.rho_pearson)
+
+
+def test_pooling_reports_too_few_rollouts():
+    three = estimate_prompt(stats([1, 2, 3], [1.0, 3.0, 2.0]))
+    pooled = pool_prompts([three, three])
+    assert math.isnan(pooled.rho_length_rate)
+    assert math.isnan(pooled.rho_length_rate_spearman)
+    assert pooled.undefined["the pooled Pearson and Spearman correlations need at least 4 rollouts per prompt (Fisher weights M - 3)"] == 2
 
 
 def test_summarize_rollouts_masks_after_end():

@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         use_chat_template=not args.no_chat_template,
         batch_size=args.batch_size,
     )
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be a positive integer, got {args.num_prompts}.")
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     device = _resolve_device(args.device)
     output = _prepare_output(Path(args.output))

@@ -11,6 +11,11 @@ from .correlation import Correlation, pool_correlations
 from .prompt import PromptEstimates
 
 
+POOLED_CORRELATION_REASON = (
+    "the pooled Pearson and Spearman correlations need at least 4 rollouts per prompt (Fisher weights M - 3)"
+)
+
+
 @dataclass(frozen=True)
 class PooledEstimates:
     """Estimates pooled over `P` prompts, in nats.
@@ -24,12 +29,13 @@ class PooledEstimates:
     ratio of the mean within-prompt variances of `L` and `S`. Correlations are
     computed within prompts and pooled: Pearson (`rho_length_rate`) and Spearman
     through Fisher's z with weights `M - 3`, Kendall tau-b with weights
-    `M (M - 1) / 2`, the covariance with weights `M - 1`. `undefined` counts the
-    prompts for each reason a per-prompt figure was NaN.
+    `M (M - 1) / 2`, the covariance with weights `M - 1`. `total_rollouts` counts the
+    rollouts of all prompts. `undefined` counts the prompts for each reason a
+    per-prompt figure was NaN, and reports a pooled correlation left without weight.
     """
 
     num_prompts: int
-    num_rollouts: int
+    total_rollouts: int
     ce_star: float
     ce_star_se: float
     ce_star_mc: float
@@ -88,10 +94,12 @@ def pool_prompts(estimates: Sequence[PromptEstimates]) -> PooledEstimates:
         ]
     )
     undefined = Counter(reason for e in estimates for reason in e.undefined)
+    if all(e.num_rollouts <= 3 for e in estimates):
+        undefined[POOLED_CORRELATION_REASON] = num_prompts
 
     return PooledEstimates(
         num_prompts=num_prompts,
-        num_rollouts=sum(e.num_rollouts for e in estimates),
+        total_rollouts=sum(e.num_rollouts for e in estimates),
         ce_star=ce_star,
         ce_star_se=math.sqrt(math.fsum(e.ce_star_se**2 for e in estimates)) / num_prompts,
         ce_star_mc=_mean([e.ce_star_mc for e in estimates]),

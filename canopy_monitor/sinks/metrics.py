@@ -12,12 +12,12 @@ METRIC_PREFIX = "canopy/"
 def scalar_metrics(pooled: PooledEstimates) -> dict[str, float]:
     """Return the pooled figures as `canopy/<field>` scalars, e.g. `canopy/ce_star`.
 
-    `num_prompts` and `num_rollouts` are counts of the set-up, not figures, and are
+    `num_prompts` and `total_rollouts` are counts of the set-up, not figures, and are
     left out.
     """
     scalars = pooled.scalars()
     scalars.pop("num_prompts")
-    scalars.pop("num_rollouts")
+    scalars.pop("total_rollouts")
     return {METRIC_PREFIX + name: float(value) for name, value in scalars.items()}
 
 
