@@ -51,7 +51,7 @@ class CanopyMonitorCallback(TrainerCallback):
             The trainer to monitor (TRL trainers included). Its `processing_class` is the
             tokenizer unless `tokenizer` is given.
         prompts (`list[str]`, list of chat conversations, or path to a JSON/JSONL file):
-            Held-out prompts. A file holds objects with a `prompt` field (a string or a
+            Held-out prompts. A file contains objects with a `prompt` field (a string or a
             list of role/content messages).
         every_n_steps (`int`, *optional*, defaults to `50`):
             Steps between monitoring points.
@@ -189,15 +189,15 @@ class CanopyMonitorCallback(TrainerCallback):
 
         # A resumed run repeats the steps after its checkpoint.
         before = len(read_history(self.history_path))
-        kept = HistoryWriter(self.history_path).keep_until(global_step)
-        if len(kept) < before:
+        remaining = HistoryWriter(self.history_path).keep_until(global_step)
+        if len(remaining) < before:
             logger.info(
                 "canopy-monitor: resuming at step %d, so %d later monitoring point(s) were dropped from %s",
                 global_step,
-                before - len(kept),
+                before - len(remaining),
                 self.history_path,
             )
-        self._recorded_steps = {record["step"] for record in kept}
+        self._recorded_steps = {record["step"] for record in remaining}
 
     def _monitor(self, state, control, model) -> None:
         step = state.global_step

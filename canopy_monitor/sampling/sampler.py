@@ -153,8 +153,10 @@ def policy_generation_defaults(model) -> Iterator[None]:
     if original is None:
         yield
         return
-    kept = {name: getattr(original, name) for name in _POLICY_FIELDS if getattr(original, name, None) is not None}
-    owner.generation_config = GenerationConfig(**kept)
+    policy_values = {
+        name: getattr(original, name) for name in _POLICY_FIELDS if getattr(original, name, None) is not None
+    }
+    owner.generation_config = GenerationConfig(**policy_values)
     try:
         yield
     finally:

@@ -40,12 +40,13 @@ class HistoryWriter:
         their earlier records would otherwise appear twice or out of order.
         """
         records = read_history(self.path)
-        kept = [record for record in records if record.get("step", -1) <= step]
-        if len(kept) < len(records):
+        remaining = [record for record in records if record.get("step", -1) <= step]
+        if len(remaining) < len(records):
             temporary = self.path.with_name(self.path.name + ".tmp")
-            temporary.write_text("".join(json.dumps(record, allow_nan=False) + "\n" for record in kept), encoding="utf-8")
+            lines = "".join(json.dumps(record, allow_nan=False) + "\n" for record in remaining)
+            temporary.write_text(lines, encoding="utf-8")
             os.replace(temporary, self.path)
-        return kept
+        return remaining
 
     def steps(self) -> list[int]:
         """Return the steps already recorded, in file order."""
