@@ -81,6 +81,15 @@ def tiny_model():
     return make_model()
 
 
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny model and its tokenizer saved as a local model directory."""
+    path = tmp_path / "tiny-model"
+    make_model().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def fresh_wandb_settings():
     """Close any W&B run a test left open and reset W&B's process-wide settings.

@@ -6,16 +6,6 @@ import pytest
 
 from canopy_monitor.cli.main import main
 
-from conftest import make_model, make_tokenizer
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    path = tmp_path / "tiny-model"
-    make_model().save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
 
 @pytest.fixture
 def prompts_file(tmp_path):

@@ -13,18 +13,9 @@ import yaml
 
 from canopy_monitor.cli.main import main
 
-from conftest import make_model, make_tokenizer
 
 # A sysctl file that is write-only: reading it fails with EACCES even for root.
 WRITE_ONLY_SYSCTL = Path("/proc/sys/vm/drop_caches")
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    path = tmp_path / "tiny-model"
-    make_model().save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture
