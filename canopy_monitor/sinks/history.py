@@ -40,7 +40,7 @@ class HistoryWriter:
         their earlier records would otherwise appear twice or out of order.
         """
         records = read_history(self.path)
-        remaining = [record for record in records if record.get("step", -1) <= step]
+        remaining = [record for record in records if record["step"] <= step]
         if len(remaining) < len(records):
             temporary = self.path.with_name(self.path.name + ".tmp")
             lines = "".join(json.dumps(record, allow_nan=False) + "\n" for record in remaining)
@@ -54,9 +54,9 @@ class HistoryWriter:
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:
-    """Read every complete line of a history file; a missing file is an empty history.
+    """Read every monitoring point of a history file; a missing file is an empty history.
 
-    A last line cut short by a crash is skipped.
+    A line cut short by a crash, or one without an integer `step`, is skipped.
     """
     path = Path(path)
     if not path.exists():
@@ -66,7 +66,10 @@ def read_history(path: str | os.PathLike) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        # Only monitoring points count; any other JSON value on a line is skipped.
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
     return records
