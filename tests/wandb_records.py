@@ -1,7 +1,7 @@
 """Read the history rows of an offline W&B run from its `.wandb` transaction log.
 
-The file starts with a 7-byte header (`:W&B`, magic 0xBEE1, version 0) and then
-holds LevelDB-style log records in 32 KiB blocks: a 4-byte checksum, a 2-byte
+The file starts with a 7-byte header (`:W&B`, magic 0xBEE1, version 0). LevelDB-style
+log records follow in 32 KiB blocks. Each record has a 4-byte checksum, a 2-byte
 little-endian length, a 1-byte type (1 full, 2 first, 3 middle, 4 last) and the
 payload, a serialised `wandb_internal_pb2.Record`. wandb 0.31 ships no Python
 reader for it, so the tests use this one.
