@@ -71,6 +71,24 @@ def make_model(seed: int = 0, *, zero_weights: bool = False, eos_token_id=2, num
     return model
 
 
+def toy_conversations(size: int = 32):
+    """Build a chat data set in TRL's conversational format over the test vocabulary."""
+    from datasets import Dataset
+
+    rows = []
+    for index in range(size):
+        word = f"w{index % 20}"
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"what is {word} ?"},
+                    {"role": "assistant", "content": f"{word} is the answer ."},
+                ]
+            }
+        )
+    return Dataset.from_list(rows)
+
+
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()

@@ -4,12 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 
 from canopy_monitor import CanopyMonitorCallback
 from canopy_monitor.prompts import PromptError
 
-from conftest import make_model, make_tokenizer
+from conftest import make_model, make_tokenizer, toy_conversations
 from wandb_records import history_rows as wandb_history_rows
 
 HELDOUT = [
@@ -26,21 +25,6 @@ FIXED_METRICS = [
     "canopy/rho_length_rate",
     "canopy/truncation_rate",
 ]
-
-
-def training_set(size: int = 32) -> Dataset:
-    rows = []
-    for index in range(size):
-        word = f"w{index % 20}"
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"what is {word} ?"},
-                    {"role": "assistant", "content": f"{word} is the answer ."},
-                ]
-            }
-        )
-    return Dataset.from_list(rows)
 
 
 def make_trainer(output_dir: Path, *, max_steps: int = 6, report_to="none", seed: int = 42, use_peft: bool = False):
@@ -68,7 +52,7 @@ def make_trainer(output_dir: Path, *, max_steps: int = 6, report_to="none", seed
     return SFTTrainer(
         model=make_model(seed=0),
         args=args,
-        train_dataset=training_set(),
+        train_dataset=toy_conversations(),
         processing_class=make_tokenizer(),
         peft_config=peft_config,
     )

@@ -50,7 +50,7 @@ def test_train_end_to_end_with_wandb(recipe, tmp_path, monkeypatch, capsys):
     assert all("canopy/ce_star" in record["metrics"] for record in history)
     assert all("canopy/rho_length_rate" in record["metrics"] for record in history)
 
-    # W&B files go under the output directory, and the run holds the scalars at each point.
+    # W&B files go under the output directory, and the run contains the scalars at each point.
     run_files = list((run_dir / "wandb").glob("offline-run-*/*.wandb"))
     assert len(run_files) == 1
     rows = [row for row in history_rows(run_files[0]) if "train/canopy/ce_star" in row]

@@ -34,7 +34,7 @@ def test_builtin_conversations_well_formed(all_examples):
 
 
 def test_builtin_answers_short(all_examples):
-    # A signature answer adds the call syntax to one sentence of at most MAX_SUMMARY_CHARS.
+    # An answer about a signature adds the call syntax to one sentence of at most MAX_SUMMARY_CHARS.
     longest = max(len(row["messages"][1]["content"]) for row in all_examples)
 
     assert longest <= MAX_SUMMARY_CHARS + 120

@@ -1,8 +1,8 @@
 """Association between two per-rollout series, and its pooling over prompts.
 
 One routine computes every coefficient for one prompt; another pools them
-across prompts. Inputs are 1-D tensors of equal length `[M]`; arithmetic is done
-in float64 so that the results do not depend on the dtype of the caller.
+across prompts. Inputs are 1-D tensors of equal length `[M]`. Arithmetic is done
+in float64, so the results do not depend on the dtype of the caller.
 """
 
 from __future__ import annotations
@@ -137,9 +137,9 @@ class PooledCorrelation:
 def pool_correlations(correlations: list[Correlation]) -> PooledCorrelation:
     """Pool within-prompt coefficients over prompts.
 
-    Pearson and Spearman go through Fisher's z with weights `n_p - 3`; Kendall is a
-    weighted mean with weights `n_p (n_p - 1) / 2`; the covariance a weighted mean with
-    weights `n_p - 1`. Undefined (NaN) per-prompt values are left out.
+    Pearson and Spearman go through Fisher's z with weights `n_p - 3`. Kendall is a
+    weighted mean with weights `n_p (n_p - 1) / 2`, and the covariance a weighted mean
+    with weights `n_p - 1`. Undefined (NaN) per-prompt values are left out.
     """
     sizes = [c.n for c in correlations]
     return PooledCorrelation(

@@ -18,25 +18,10 @@ from canopy_monitor.prompts import load_prompts
 from canopy_monitor.sampling import sample_rollouts
 from canopy_monitor.sinks import HistoryWriter, read_history
 
-from conftest import VOCAB_WORDS, make_model, make_tokenizer
+from conftest import VOCAB_WORDS, make_model, make_tokenizer, toy_conversations
 
 HELDOUT = ["what is the sum of two plus two ?", "tell me a story", "hello world"]
 LOG_V = math.log(len(VOCAB_WORDS))
-
-
-def conversations(size: int = 32) -> Dataset:
-    rows = []
-    for index in range(size):
-        word = f"w{index % 20}"
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"what is {word} ?"},
-                    {"role": "assistant", "content": f"{word} is the answer ."},
-                ]
-            }
-        )
-    return Dataset.from_list(rows)
 
 
 def sft_trainer(output_dir: Path, *, model=None, tokenizer=None, **overrides):
@@ -61,7 +46,7 @@ def sft_trainer(output_dir: Path, *, model=None, tokenizer=None, **overrides):
     return SFTTrainer(
         model=model if model is not None else make_model(seed=0),
         args=SFTConfig(**settings),
-        train_dataset=conversations(),
+        train_dataset=toy_conversations(),
         processing_class=tokenizer if tokenizer is not None else make_tokenizer(),
     )
 
@@ -226,7 +211,7 @@ def test_tokenizer_without_pad_token_in_plain_trainer(tmp_path):
     assert tokenizer.padding_side == "right"
 
 
-def test_tokenizer_without_chat_template_falls_back_to_plain_text(tmp_path, caplog):
+def test_missing_chat_template_uses_plain_text(tmp_path, caplog):
     tokenizer = make_tokenizer(chat_template=None)
     trainer = sft_trainer(tmp_path, max_steps=1, tokenizer=make_tokenizer())
     with caplog.at_level(logging.WARNING):

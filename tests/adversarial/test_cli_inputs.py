@@ -121,7 +121,7 @@ def test_evaluate_tiny_temperature_is_measured(model_dir, prompts_file, tmp_path
 
 
 def test_evaluate_huge_seed_error_names_the_seed(model_dir, prompts_file, tmp_path, capsys):
-    # torch cannot seed with a number this large; the message must say which input is wrong.
+    # torch cannot seed with a number this large, so the error must name --seed.
     output = tmp_path / "out.json"
 
     code = evaluate(model_dir, prompts_file, output, "--seed", str(2**80))
