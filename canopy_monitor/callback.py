@@ -11,10 +11,18 @@ from typing import Sequence
 from transformers import Trainer, TrainerCallback
 
 from .config import SamplingConfig
-from .measurement import Measurement, measure
+from .estimators import BootstrapConfig, PromptEstimates, check_running_positions, paired_change
+from .measurement import (
+    DEFAULT_TRUNCATION_WARNING,
+    Measurement,
+    check_truncation_threshold,
+    measure,
+    truncation_warning,
+)
 from .prompts import encode_prompts, load_prompts, model_context_length
 from .sampling import resolve_eos_token_ids
 from .sinks import HistoryWriter, read_history, scalar_metrics
+from .sinks.units import check_units, convert_nested, unit_factor
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +35,13 @@ class CanopyMonitorCallback(TrainerCallback):
     seed. It logs the pooled figures as `canopy/...` scalars through `Trainer.log`, so
     every `report_to` backend receives them at the current global step. The W&B and
     TensorBoard integrations of transformers prefix them, as every training log, with
-    `train/`: `train/canopy/ce_star` against `train/global_step`. With W&B active it also
-    logs a table of rollouts and a length-versus-entropy-rate scatter. Each point is
-    appended to `<output_dir>/canopy_monitor/history.jsonl`.
+    `train/`: `train/canopy/ce_star` against `train/global_step`. Each figure comes with
+    a percentile bootstrap interval over prompts (`canopy/<name>_ci_low`, `_ci_high`),
+    length-controlled views (length buckets, running entropy rates, `canopy/completed/...`
+    over rollouts that ended before the cap), and, from the second point on, its change
+    since the first point with a paired bootstrap interval (`canopy/change/...`). With
+    W&B active it also logs a table of rollouts and a length-versus-entropy-rate
+    scatter. Each point is appended to `<output_dir>/canopy_monitor/history.jsonl`.
 
     Points are taken before the first optimiser step, every `every_n_steps` steps,
     and at the end of training. Sampling leaves the model's training mode and every
@@ -79,6 +91,17 @@ class CanopyMonitorCallback(TrainerCallback):
             Rollouts per prompt kept in the W&B table.
         strict (`bool`, *optional*, defaults to `False`):
             Re-raise a failure inside a monitoring point instead of logging it.
+        units (`str`, *optional*, defaults to `"nats"`):
+            Unit of logged entropies and entropy rates, `"nats"` or `"bits"`.
+        bootstrap_samples (`int`, *optional*, defaults to `1000`):
+            Resamples of the bootstrap over prompts behind each interval; `0` logs none.
+        confidence (`float`, *optional*, defaults to `0.95`):
+            Coverage of the bootstrap intervals.
+        running_positions (`list[int]`, *optional*):
+            Token positions of the running entropy rate; by default 16, 32, 64, ... up
+            to `max_new_tokens`.
+        truncation_warning (`float`, *optional*, defaults to `0.2`):
+            Warn when a larger share of rollouts reaches the length cap.
 
     Raises:
         `PromptError`: the prompts are missing, empty, malformed or too long for the model.
@@ -105,6 +128,11 @@ class CanopyMonitorCallback(TrainerCallback):
         log_rollout_table: bool = True,
         max_table_rollouts_per_prompt: int = 4,
         strict: bool = False,
+        units: str = "nats",
+        bootstrap_samples: int = 1000,
+        confidence: float = 0.95,
+        running_positions: Sequence[int] | None = None,
+        truncation_warning: float = DEFAULT_TRUNCATION_WARNING,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
@@ -132,6 +160,12 @@ class CanopyMonitorCallback(TrainerCallback):
         self.log_rollout_table = log_rollout_table
         self.max_table_rollouts_per_prompt = max_table_rollouts_per_prompt
         self.strict = strict
+        self.units = check_units(units)
+        # The same seed as sampling: every point resamples the same prompts, so the
+        # intervals of two points, and of their change, are paired.
+        self.bootstrap = BootstrapConfig(samples=bootstrap_samples, confidence=confidence, seed=seed)
+        self.running_positions = check_running_positions(running_positions, max_new_tokens)
+        self.truncation_threshold = check_truncation_threshold(truncation_warning)
 
         # Both raise now, before training starts, rather than at every monitoring point.
         resolve_eos_token_ids(trainer.model, self.tokenizer, self.eos_token_ids)
@@ -149,6 +183,8 @@ class CanopyMonitorCallback(TrainerCallback):
         self.monitor_seconds_total = 0.0
         self._recorded_steps: set[int] = set()
         self._reported_causes: set[str] = set()
+        # Per-prompt estimates of the run's first point, in nats, for `canopy/change/...`.
+        self._baseline: list[PromptEstimates] | None = None
 
     # Trainer events
 
@@ -185,6 +221,7 @@ class CanopyMonitorCallback(TrainerCallback):
                 self.history_path.rename(previous)
                 logger.info("canopy-monitor: moved the history of an earlier run to %s", previous)
             self._recorded_steps = set()
+            self._baseline = None
             return
 
         # A resumed run repeats the steps after its checkpoint.
@@ -198,6 +235,34 @@ class CanopyMonitorCallback(TrainerCallback):
                 self.history_path,
             )
         self._recorded_steps = {record["step"] for record in remaining}
+        self._baseline = self._baseline_from_history(remaining)
+
+    def _baseline_from_history(self, records: list[dict]) -> list[PromptEstimates] | None:
+        """Rebuild the first point's per-prompt estimates from the history, in nats."""
+        if not records or "prompts" not in records[0]:
+            return None
+        record = records[0]
+        try:
+            prompts = convert_nested(record["prompts"], "nats", from_units=record.get("units", "nats"))
+            baseline = [PromptEstimates.from_dict(values) for values in prompts]
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            logger.warning(
+                "canopy-monitor: could not read the first monitoring point from %s (%s); "
+                "changes since the first point will not be logged in this run.",
+                self.history_path,
+                error,
+            )
+            return None
+        if len(baseline) != len(self.prompts):
+            logger.warning(
+                "canopy-monitor: the first monitoring point in %s has %d prompts but this run has %d; "
+                "changes since the first point will not be logged in this run.",
+                self.history_path,
+                len(baseline),
+                len(self.prompts),
+            )
+            return None
+        return baseline
 
     def _monitor(self, state, control, model) -> None:
         step = state.global_step
@@ -241,6 +306,8 @@ class CanopyMonitorCallback(TrainerCallback):
             self.prompts,
             self.sampling,
             eos_token_ids=self.eos_token_ids,
+            bootstrap=self.bootstrap if self.bootstrap.samples > 0 else None,
+            running_positions=self.running_positions,
             show_progress=show_progress,
         )
 
@@ -260,31 +327,44 @@ class CanopyMonitorCallback(TrainerCallback):
     def _publish(self, step: int, control, measurement: Measurement) -> None:
         pooled = measurement.pooled
         self.monitor_seconds_total += measurement.seconds
-        metrics = scalar_metrics(pooled)
+        change = None
+        if self._baseline is None:
+            self._baseline = measurement.estimates
+        else:
+            change = paired_change(self._baseline, measurement.estimates, self.bootstrap)
+        metrics = scalar_metrics(pooled, units=self.units, change=change)
         metrics["canopy/monitor_seconds"] = measurement.seconds
         metrics["canopy/monitor_errors"] = float(self.num_errors)
 
         for reason, count in pooled.undefined.items():
             self._warn_once(reason, "canopy-monitor: NaN in %d prompt(s) at step %d: %s", count, step, reason)
+        truncation = truncation_warning(measurement, self.truncation_threshold)
+        if truncation is not None:
+            self._warn_once("truncation", "canopy-monitor: at step %d, %s", step, truncation)
 
         self._log(control, metrics)
         record = {
             "step": step,
+            "units": self.units,
             "metrics": metrics,
             "num_prompts": pooled.num_prompts,
             "total_rollouts": pooled.total_rollouts,
             "undefined": pooled.undefined,
+            "prompts": convert_nested([e.to_dict() for e in measurement.estimates], self.units),
         }
         self.history.append(record)
         HistoryWriter(self.history_path).append(**record)
 
+        factor = unit_factor(self.units)
         logger.info(
-            "canopy-monitor step %d: CE*=%.3f±%.3f nats, entropy rate=%.3f nats/token, mean length=%.1f, "
+            "canopy-monitor step %d: CE*=%.3f±%.3f %s, entropy rate=%.3f %s/token, mean length=%.1f, "
             "rho(N, r)=%.3f, truncation=%.2f (%.1f s)",
             step,
-            pooled.ce_star,
-            pooled.ce_star_se,
-            pooled.entropy_rate,
+            pooled.ce_star * factor,
+            pooled.ce_star_se * factor,
+            self.units,
+            pooled.entropy_rate * factor,
+            self.units,
             pooled.mean_length,
             pooled.rho_length_rate,
             pooled.truncation_rate,
@@ -305,7 +385,11 @@ class CanopyMonitorCallback(TrainerCallback):
             from .sinks.wandb_media import log_rollout_media
 
             log_rollout_media(
-                wandb.run, measurement, step, max_rollouts_per_prompt=self.max_table_rollouts_per_prompt
+                wandb.run,
+                measurement,
+                step,
+                max_rollouts_per_prompt=self.max_table_rollouts_per_prompt,
+                units=self.units,
             )
         except Exception as error:
             if self.strict:

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .config import SamplingConfig
-from .estimators import PooledEstimates, PromptEstimates, estimate_prompt, pool_prompts
+from .estimators import (
+    BootstrapConfig,
+    PooledEstimates,
+    PromptEstimates,
+    default_running_positions,
+    estimate_prompt,
+    pool_prompts,
+)
 from .prompts import Prompt
 from .sampling import PromptRollouts, sample_rollouts
 
@@ -21,6 +28,8 @@ class Measurement:
 
     Attributes:
         config (`SamplingConfig`): the decoding policy and budget used.
+        bootstrap (`BootstrapConfig` or `None`): the bootstrap behind the pooled intervals.
+        running_positions (`tuple[int, ...]`): positions of the running entropy rates.
         rollouts (`list[PromptRollouts]`): per prompt, in prompt order.
         estimates (`list[PromptEstimates]`): per prompt, in prompt order.
         pooled (`PooledEstimates`): pooled over the prompts.
@@ -28,6 +37,8 @@ class Measurement:
     """
 
     config: SamplingConfig
+    bootstrap: BootstrapConfig | None
+    running_positions: tuple[int, ...]
     rollouts: list[PromptRollouts]
     estimates: list[PromptEstimates]
     pooled: PooledEstimates
@@ -41,22 +52,59 @@ def measure(
     config: SamplingConfig,
     *,
     eos_token_ids: Sequence[int] | None = None,
+    bootstrap: BootstrapConfig | None = BootstrapConfig(),
+    running_positions: Sequence[int] | None = None,
     show_progress: bool = False,
 ) -> Measurement:
     """Sample `config.num_rollouts` rollouts per prompt and compute every estimate.
 
     See `sample_rollouts` for how sampling treats the model and the random state.
+
+    Args:
+        bootstrap (`BootstrapConfig`, *optional*): percentile bootstrap over prompts for
+            the pooled intervals; `None` skips it.
+        running_positions (sequence of `int`, *optional*): positions of the running
+            entropy rate; by default 16, 32, 64, ... up to the length cap.
     """
     start = time.perf_counter()
+    positions = tuple(running_positions) if running_positions is not None else default_running_positions(
+        config.max_new_tokens
+    )
     rollouts = sample_rollouts(
         model, tokenizer, prompts, config, eos_token_ids=eos_token_ids, show_progress=show_progress
     )
-    estimates = [estimate_prompt(r.stats) for r in rollouts]
-    pooled = pool_prompts(estimates)
+    estimates = [estimate_prompt(r.stats, r.step_entropies, running_positions=positions) for r in rollouts]
+    pooled = pool_prompts(estimates, bootstrap)
     return Measurement(
         config=config,
+        bootstrap=bootstrap,
+        running_positions=positions,
         rollouts=rollouts,
         estimates=estimates,
         pooled=pooled,
         seconds=time.perf_counter() - start,
+    )
+
+
+# Truncation share above which `truncation_warning` speaks up, unless the user sets another.
+DEFAULT_TRUNCATION_WARNING = 0.2
+
+
+def check_truncation_threshold(threshold: float) -> float:
+    """Return `threshold` if it is a number from 0 to 1, else raise `ValueError`."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ValueError(f"the truncation warning threshold must be a number from 0 to 1, got {threshold!r}.")
+    return float(threshold)
+
+
+def truncation_warning(measurement: Measurement, threshold: float) -> str | None:
+    """Return a warning when the pooled truncation rate exceeds `threshold`, else `None`."""
+    rate = measurement.pooled.truncation_rate
+    if not rate > threshold:
+        return None
+    return (
+        f"{rate:.0%} of the rollouts reached the length cap of {measurement.config.max_new_tokens} tokens "
+        f"without ending (warning threshold {threshold:.0%}). CE* and the other figures then describe the "
+        "capped process, so the cap, not the model, sets part of the length. Raise max_new_tokens, or read "
+        "the completed/ figures, which use only the rollouts that ended."
     )

@@ -13,6 +13,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The test models are tiny: with several intra-op threads on a busy machine, each
+# operation waits for threads far longer than it computes.
+torch.set_num_threads(1)
+
 VOCAB_WORDS = ["<pad>", "<s>", "</s>", "<end>"] + [f"w{i}" for i in range(28)] + [
     "what", "is", "the", "a", "of", "to", "and", "in", "python", "list", "how", "do", "i", "write", "sum",
     "function", "answer", "user", "assistant", "system", "hello", "world", "two", "plus", "?", ":", "\n", ".",

@@ -3,7 +3,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from canopy_monitor import CanopyMonitorCallback
 from canopy_monitor.prompts import PromptError
@@ -209,3 +208,120 @@ def test_bad_inputs_raise_before_training(tmp_path):
         CanopyMonitorCallback(trainer, prompts=["hello " * 300], max_new_tokens=8)
     with pytest.raises(ValueError, match="every_n_steps"):
         CanopyMonitorCallback(trainer, prompts=HELDOUT, every_n_steps=0)
+
+
+def test_callback_logs_intervals_length_views_and_change(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.add_callback(
+        CanopyMonitorCallback(
+            trainer, prompts=HELDOUT, every_n_steps=2, num_rollouts=4, max_new_tokens=20, bootstrap_samples=200
+        )
+    )
+
+    trainer.train()
+
+    first, second = read_history(tmp_path)
+    metrics = first["metrics"]
+    assert metrics["canopy/ce_star_ci_low"] <= metrics["canopy/ce_star_ci_high"]
+    assert metrics["canopy/rho_length_rate_ci_low"] <= metrics["canopy/rho_length_rate_ci_high"]
+    for name in (
+        "canopy/entropy_rate_short",
+        "canopy/entropy_rate_long",
+        "canopy/mean_length_medium",
+        "canopy/running_entropy_rate_16",
+        "canopy/running_active_share_16",
+        "canopy/completed/ce_star",
+    ):
+        assert name in metrics
+    assert not any(name.startswith("canopy/change/") for name in metrics)
+    assert first["units"] == "nats"
+    assert len(first["prompts"]) == len(HELDOUT)
+    change = second["metrics"]["canopy/change/ce_star"]
+    assert change == pytest.approx(second["metrics"]["canopy/ce_star"] - metrics["canopy/ce_star"], rel=1e-9)
+    assert second["metrics"]["canopy/change/ce_star_ci_low"] <= second["metrics"]["canopy/change/ce_star_ci_high"]
+
+
+def test_same_weights_same_intervals_and_zero_change(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.args.learning_rate = 0.0
+    trainer.add_callback(
+        CanopyMonitorCallback(trainer, prompts=HELDOUT, every_n_steps=1, num_rollouts=4, max_new_tokens=10, bootstrap_samples=100)
+    )
+
+    trainer.train()
+
+    first, second = read_history(tmp_path)
+    for name, value in first["metrics"].items():
+        if name != "canopy/monitor_seconds":
+            assert second["metrics"][name] == value, name
+    assert second["metrics"]["canopy/change/ce_star"] == 0.0
+    assert second["metrics"]["canopy/change/ce_star_ci_low"] == 0.0
+    assert second["metrics"]["canopy/change/ce_star_ci_high"] == 0.0
+
+
+def test_bits_are_nats_over_ln2(tmp_path):
+    histories = {}
+    for units in ("nats", "bits"):
+        trainer = make_trainer(tmp_path / units, max_steps=1)
+        trainer.add_callback(
+            CanopyMonitorCallback(trainer, prompts=HELDOUT, every_n_steps=5, num_rollouts=4, max_new_tokens=10, units=units)
+        )
+        trainer.train()
+        histories[units] = read_history(tmp_path / units)[0]
+
+    nats = histories["nats"]["metrics"]
+    bits = histories["bits"]["metrics"]
+    assert histories["bits"]["units"] == "bits"
+    assert bits["canopy/ce_star"] == pytest.approx(nats["canopy/ce_star"] / math.log(2))
+    assert bits["canopy/entropy_rate_ci_high"] == pytest.approx(nats["canopy/entropy_rate_ci_high"] / math.log(2))
+    assert bits["canopy/rho_length_rate"] == nats["canopy/rho_length_rate"]
+    assert bits["canopy/branching_factor"] == nats["canopy/branching_factor"]
+    prompt_bits = histories["bits"]["prompts"][0]["ce_star"]
+    assert prompt_bits == pytest.approx(histories["nats"]["prompts"][0]["ce_star"] / math.log(2))
+
+
+def test_truncation_warning_once_per_run(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.add_callback(
+        CanopyMonitorCallback(trainer, prompts=HELDOUT[:2], every_n_steps=1, num_rollouts=3, max_new_tokens=3, truncation_warning=0.0)
+    )
+
+    with caplog.at_level("WARNING"):
+        trainer.train()
+
+    assert caplog.text.count("reached the length cap of 3 tokens") == 1
+
+
+def test_resumed_run_keeps_first_point_as_baseline(tmp_path):
+    first = make_trainer(tmp_path, max_steps=4)
+    first.args.save_strategy = "steps"
+    first.args.save_steps = 2
+    first.add_callback(CanopyMonitorCallback(first, prompts=HELDOUT, every_n_steps=2, num_rollouts=4, max_new_tokens=8, units="bits"))
+    first.train()
+
+    resumed = make_trainer(tmp_path, max_steps=6)
+    resumed.args.save_strategy = "steps"
+    resumed.args.save_steps = 2
+    resumed.add_callback(CanopyMonitorCallback(resumed, prompts=HELDOUT, every_n_steps=2, num_rollouts=4, max_new_tokens=8, units="bits"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+    history = read_history(tmp_path)
+    assert [record["step"] for record in history] == [0, 2, 4, 6]
+    baseline = history[0]["metrics"]["canopy/ce_star"]
+    for record in history[1:]:
+        assert record["metrics"]["canopy/change/ce_star"] == pytest.approx(record["metrics"]["canopy/ce_star"] - baseline, rel=1e-9)
+
+
+def test_bad_estimation_settings_raise_before_training(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1)
+
+    with pytest.raises(ValueError, match="units"):
+        CanopyMonitorCallback(trainer, prompts=HELDOUT, units="shannons")
+    with pytest.raises(ValueError, match="confidence"):
+        CanopyMonitorCallback(trainer, prompts=HELDOUT, confidence=95)
+    with pytest.raises(ValueError, match="samples"):
+        CanopyMonitorCallback(trainer, prompts=HELDOUT, bootstrap_samples=-5)
+    with pytest.raises(ValueError, match="positions"):
+        CanopyMonitorCallback(trainer, prompts=HELDOUT, max_new_tokens=32, running_positions=[16, 64])
+    with pytest.raises(ValueError, match="truncation"):
+        CanopyMonitorCallback(trainer, prompts=HELDOUT, truncation_warning=1.5)

@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -49,6 +50,96 @@ def test_evaluate_writes_json(model_dir, prompts_file, tmp_path, capsys):
     pooled_ce = sum(p["ce_star"] for p in report["prompts"]) / 2
     assert report["pooled"]["ce_star"] == pytest.approx(pooled_ce)
     assert "CE* =" in capsys.readouterr().out
+
+
+def test_evaluate_json_has_length_views_and_intervals(model_dir, prompts_file, tmp_path):
+    output = tmp_path / "views.json"
+
+    code = main(
+        [
+            "evaluate", "--model", str(model_dir), "--prompts", str(prompts_file), "--rollouts", "4",
+            "--max-new-tokens", "20", "--bootstrap-samples", "200", "--confidence", "0.8", "--output", str(output),
+        ]
+    )
+
+    assert code == 0
+    report = json.loads(output.read_text())
+    pooled = report["pooled"]
+    assert report["config"]["units"] == "nats"
+    assert report["config"]["bootstrap"] == {"samples": 200, "confidence": 0.8, "seed": 0}
+    assert report["config"]["running_positions"] == [16]
+    low, high = pooled["intervals"]["ce_star"]
+    assert low <= high
+    assert "rho_length_rate" in pooled["intervals"]
+    assert pooled["confidence"] == 0.8
+    for name in ["entropy_rate_short", "entropy_rate_medium", "entropy_rate_long", "mean_length_long"]:
+        assert name in pooled
+    assert set(pooled["running_entropy_rate"]) == {"16"}
+    assert set(pooled["running_active_share"]) == {"16"}
+    assert "completed" in pooled
+    for prompt in report["prompts"]:
+        assert "16" in prompt["running_entropy_rate"]
+        assert "completed" in prompt
+
+
+def test_evaluate_bits_are_nats_over_ln2(model_dir, prompts_file, tmp_path):
+    reports = {}
+    for units in ("nats", "bits"):
+        output = tmp_path / f"{units}.json"
+        common = ["--model", str(model_dir), "--prompts", str(prompts_file), "--rollouts", "4", "--max-new-tokens", "8"]
+        assert main(["evaluate", *common, "--units", units, "--output", str(output)]) == 0
+        reports[units] = json.loads(output.read_text())
+
+    nats, bits = reports["nats"], reports["bits"]
+    assert bits["config"]["units"] == "bits"
+    assert bits["pooled"]["ce_star"] == pytest.approx(nats["pooled"]["ce_star"] / math.log(2))
+    assert bits["pooled"]["intervals"]["entropy_rate"] == pytest.approx([v / math.log(2) for v in nats["pooled"]["intervals"]["entropy_rate"]])
+    assert bits["pooled"]["mean_length"] == nats["pooled"]["mean_length"]
+    assert bits["pooled"]["branching_factor"] == nats["pooled"]["branching_factor"]
+    first_bits = bits["prompts"][0]["rollouts"][0]
+    first_nats = nats["prompts"][0]["rollouts"][0]
+    assert first_bits["entropy_sum"] == pytest.approx(first_nats["entropy_sum"] / math.log(2))
+    assert first_bits["length"] == first_nats["length"]
+
+
+def test_evaluate_truncation_warning_in_json(model_dir, prompts_file, tmp_path, caplog):
+    output = tmp_path / "capped.json"
+
+    with caplog.at_level("WARNING"):
+        code = main(
+            [
+                "evaluate", "--model", str(model_dir), "--prompts", str(prompts_file), "--rollouts", "3",
+                "--max-new-tokens", "2", "--truncation-warning", "0", "--output", str(output),
+            ]
+        )
+
+    assert code == 0
+    warnings = json.loads(output.read_text())["warnings"]
+    assert len(warnings) == 1
+    assert "length cap of 2 tokens" in warnings[0]
+    assert "length cap of 2 tokens" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--running-positions", "a,b", "comma-separated"),
+        ("--running-positions", "16,500", "500"),
+        ("--confidence", "1.5", "confidence"),
+        ("--bootstrap-samples", "-1", "samples"),
+        ("--truncation-warning", "2", "truncation"),
+    ],
+)
+def test_evaluate_bad_estimation_option(option, value, expected, model_dir, prompts_file, tmp_path, capsys):
+    code = main(
+        ["evaluate", "--model", str(model_dir), "--prompts", str(prompts_file), "--max-new-tokens", "64",
+         option, value, "--output", str(tmp_path / "o.json")]
+    )
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert expected in error
+    assert "Traceback" not in error
 
 
 def test_evaluate_no_chat_template_changes_prompts(model_dir, prompts_file, tmp_path):
@@ -124,7 +215,7 @@ def test_evaluate_default_model_smoke(tmp_path):
     prompts.write_text(json.dumps({"prompt": "Name a colour."}) + "\n" + json.dumps({"prompt": "What is 2+2?"}) + "\n")
     output = tmp_path / "smoke.json"
 
-    code = main(["evaluate", "--prompts", str(prompts), "--rollouts", "3", "--max-new-tokens", "8", "--output", str(output)])
+    code = main(["evaluate", "--prompts", str(prompts), "--rollouts", "4", "--max-new-tokens", "24", "--output", str(output)])
 
     assert code == 0
     report = json.loads(output.read_text())
@@ -133,4 +224,11 @@ def test_evaluate_default_model_smoke(tmp_path):
     assert 0.0 <= report["pooled"]["truncation_rate"] <= 1.0
     for prompt in report["prompts"]:
         for rollout in prompt["rollouts"]:
-            assert 1 <= rollout["length"] <= 8
+            assert 1 <= rollout["length"] <= 24
+    # The decomposition CE* = E[N] E[r] + Cov_M(N, r) holds on real rollouts, per prompt,
+    # pooled, and over the completed rollouts.
+    documents = [report["pooled"], *report["prompts"]]
+    documents += [document["completed"] for document in documents if document["completed"] is not None]
+    for document in documents:
+        parts = document["length_driven"] + document["conveyance"]
+        assert parts == pytest.approx(document["ce_star"], rel=1e-6)

@@ -197,3 +197,154 @@ def test_sampling_config_rejects_bad_values():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
+
+
+def test_entropy_includes_generation_config_processors(tokenizer, tiny_model):
+    from transformers import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+    )
+
+    from canopy_monitor.sampling import build_warpers
+
+    tiny_model.generation_config.repetition_penalty = 1.5
+    tiny_model.generation_config.no_repeat_ngram_size = 2
+    tiny_model.generation_config.min_new_tokens = 3
+    tiny_model.generation_config.suppress_tokens = [5, 6]
+    config = SamplingConfig(num_rollouts=6, max_new_tokens=12, temperature=0.8, seed=2, use_chat_template=False)
+    prompt_ids = tokenizer("hello world")["input_ids"]
+
+    result = sample_rollouts(tiny_model, tokenizer, [Prompt(text="hello world")], config)[0]
+
+    # The processors in the order of generate's `_get_logits_processor`, then the warpers.
+    processors = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(1.5),
+            NoRepeatNGramLogitsProcessor(2),
+            MinNewTokensLengthLogitsProcessor(len(prompt_ids), 3, torch.tensor([2])),
+            SuppressTokensLogitsProcessor([5, 6]),
+            *build_warpers(config),
+        ]
+    )
+    for index, rollout_ids in enumerate(result.token_ids):
+        assert 2 not in rollout_ids[:3]
+        assert 5 not in rollout_ids
+        assert 6 not in rollout_ids
+        entropy_sum, surprisal_sum = teacher_forced_figures(tiny_model, prompt_ids, rollout_ids, processors)
+        assert float(result.stats.entropy_sums[index]) == pytest.approx(entropy_sum, rel=1e-4, abs=1e-5)
+        assert float(result.stats.surprisal_sums[index]) == pytest.approx(surprisal_sum, rel=1e-4, abs=1e-5)
+
+
+UNAPPLIED_FIELDS = {
+    "min_p": 0.3,
+    "top_h": 0.4,
+    "typical_p": 0.5,
+    "epsilon_cutoff": 0.02,
+    "eta_cutoff": 0.02,
+    "guidance_scale": 1.5,
+    "token_healing": True,
+    "stop_strings": ["."],
+}
+
+
+@pytest.fixture
+def fresh_reported_causes(monkeypatch):
+    """Forget which unapplied generation fields were already logged in this process."""
+    from canopy_monitor.sampling import policy
+
+    monkeypatch.setattr(policy, "_reported_causes", set())
+
+
+def policy_records(caplog, level):
+    return [r for r in caplog.records if r.name == "canopy_monitor.sampling.policy" and r.levelno == level]
+
+
+def test_unapplied_fields_warn_once(tokenizer, tiny_model, caplog, fresh_reported_causes):
+    import logging
+
+    from transformers import WatermarkingConfig
+
+    from canopy_monitor.sampling import build_warpers
+
+    for name, value in UNAPPLIED_FIELDS.items():
+        setattr(tiny_model.generation_config, name, value)
+    tiny_model.generation_config.watermarking_config = WatermarkingConfig(bias=2.5)
+    config = SamplingConfig(num_rollouts=4, max_new_tokens=10, seed=4, use_chat_template=False)
+    caplog.set_level(logging.INFO, logger="canopy_monitor.sampling.policy")
+
+    result = sample_rollouts(tiny_model, tokenizer, [Prompt(text="hello world")], config)[0]
+    first_warnings = [r.getMessage() for r in policy_records(caplog, logging.WARNING)]
+    sample_rollouts(tiny_model, tokenizer, [Prompt(text="hello world")], config)
+
+    assert len(first_warnings) == len(UNAPPLIED_FIELDS) + 1
+    for name, value in UNAPPLIED_FIELDS.items():
+        matching = [message for message in first_warnings if f"sets {name}={value!r}," in message]
+        assert len(matching) == 1, name
+        assert "the figures describe sampling without it" in matching[0]
+    assert any("watermarking_config=" in message for message in first_warnings)
+    assert len(policy_records(caplog, logging.WARNING)) == len(first_warnings)
+    # The dropped fields do not act: the figures are those of the monitor's warpers alone.
+    prompt_ids = tokenizer("hello world")["input_ids"]
+    for index, rollout_ids in enumerate(result.token_ids):
+        entropy_sum, _ = teacher_forced_figures(tiny_model, prompt_ids, rollout_ids, build_warpers(config))
+        assert float(result.stats.entropy_sums[index]) == pytest.approx(entropy_sum, rel=1e-4, abs=1e-5)
+
+
+def test_neutral_generation_fields_do_not_warn(tokenizer, tiny_model, caplog, fresh_reported_causes):
+    import logging
+
+    generation_config = tiny_model.generation_config
+    generation_config.min_p = 0.0
+    generation_config.typical_p = 1.0
+    generation_config.epsilon_cutoff = 0.0
+    generation_config.eta_cutoff = 0.0
+    generation_config.guidance_scale = 1.0
+    generation_config.num_beams = 1
+    generation_config.temperature = 0.7
+    generation_config.top_k = 0
+    caplog.set_level(logging.INFO, logger="canopy_monitor.sampling.policy")
+
+    sample_rollouts(
+        tiny_model, tokenizer, PROMPTS[:1], SamplingConfig(num_rollouts=2, max_new_tokens=3, temperature=0.7)
+    )
+
+    assert policy_records(caplog, logging.WARNING) == []
+    assert policy_records(caplog, logging.INFO) == []
+
+
+def test_replaced_sampling_fields_logged_once(tokenizer, tiny_model, caplog, fresh_reported_causes):
+    import logging
+
+    tiny_model.generation_config.temperature = 0.6
+    tiny_model.generation_config.top_p = 0.9
+    tiny_model.generation_config.top_k = 20
+    config = SamplingConfig(num_rollouts=2, max_new_tokens=3, top_k=20)
+    caplog.set_level(logging.INFO, logger="canopy_monitor.sampling.policy")
+
+    sample_rollouts(tiny_model, tokenizer, PROMPTS[:1], config)
+    sample_rollouts(tiny_model, tokenizer, PROMPTS[:1], config)
+
+    messages = [r.getMessage() for r in policy_records(caplog, logging.INFO)]
+    assert policy_records(caplog, logging.WARNING) == []
+    assert len(messages) == 2
+    assert "sets temperature=0.6, but canopy-monitor samples with its own temperature=1.0" in messages[0]
+    assert "pass temperature=0.6 in SamplingConfig" in messages[0]
+    assert "sets top_p=0.9, but canopy-monitor samples with its own top_p=1.0" in messages[1]
+
+
+def test_min_length_counts_each_prompt_unpadded(tokenizer):
+    # min_length counts the prompt, so it must not count another prompt's padding.
+    model = make_model(zero_weights=True)
+    model.generation_config.min_length = 4
+    model.generation_config.sequence_bias = {(2,): 5.0}  # the end token is likely at every step
+    short, long = Prompt(text="hello"), Prompt(text="what is the sum of two plus two ?")
+    config = SamplingConfig(num_rollouts=32, max_new_tokens=8, seed=0, batch_size=64, use_chat_template=False)
+
+    short_result, long_result = sample_rollouts(model, tokenizer, [short, long], config)
+
+    # "hello" is 1 token, so the end token is banned for the first 3 generated tokens.
+    assert int(short_result.stats.lengths.min()) >= 4
+    assert int((long_result.stats.lengths == 1).sum()) >= 10

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SamplingConfig
-from ..measurement import measure
+from ..estimators import BootstrapConfig, check_running_positions
+from ..measurement import DEFAULT_TRUNCATION_WARNING, check_truncation_threshold, measure, truncation_warning
 from ..models import DEFAULT_MODEL, load_model_and_tokenizer
 from ..prompts import load_prompts
 from ..sinks.json_report import measurement_report
+from ..sinks.units import UNITS, unit_factor
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,55 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-chat-template", action="store_true", help="Feed prompts as plain text, without the chat template.")
     parser.add_argument("--device", default=None, help="Torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu).")
     parser.add_argument("--dtype", default=None, help="Model dtype, e.g. float32 or bfloat16 (default: as stored).")
+    add_estimation_arguments(parser)
     parser.add_argument("--output", required=True, help="Path of the JSON file to write.")
     return parser
+
+
+def add_estimation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options for units, bootstrap intervals, running positions and the truncation warning."""
+    bootstrap = BootstrapConfig()
+    parser.add_argument("--units", choices=UNITS, default="nats", help="Unit of entropies and entropy rates (default: %(default)s).")
+    parser.add_argument(
+        "--bootstrap-samples",
+        type=int,
+        default=bootstrap.samples,
+        help="Resamples of the percentile bootstrap over prompts; 0 turns the intervals off (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        default=bootstrap.confidence,
+        help="Coverage of the bootstrap intervals, between 0 and 1 (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--running-positions",
+        default=None,
+        help="Comma-separated token positions of the running entropy rate, e.g. 16,32,64 "
+        "(default: 16, 32, 64, ... up to the length cap).",
+    )
+    parser.add_argument(
+        "--truncation-warning",
+        type=float,
+        default=DEFAULT_TRUNCATION_WARNING,
+        help="Warn when more than this share of rollouts reach the length cap (default: %(default)s).",
+    )
+
+
+def parse_running_positions(text: str | None, max_new_tokens: int) -> tuple[int, ...] | None:
+    """Parse `--running-positions`; `None` keeps the default positions."""
+    if text is None:
+        return None
+    try:
+        positions = [int(item.strip()) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--running-positions {text!r} is not a comma-separated list of token positions such as 16,32,64."
+        ) from None
+    try:
+        return check_running_positions(positions, max_new_tokens)
+    except ValueError as error:
+        raise ValueError(f"--running-positions: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.num_prompts is not None and args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be a positive integer, got {args.num_prompts}.")
+    bootstrap = _bootstrap_config(args)
+    running_positions = parse_running_positions(args.running_positions, config.max_new_tokens)
+    check_truncation_threshold(args.truncation_warning)
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     device = _resolve_device(args.device)
     output = _prepare_output(Path(args.output))
@@ -69,22 +121,54 @@ def run(args: argparse.Namespace) -> int:
         "evaluating %s on %d prompts x %d rollouts, cap %d tokens", args.model, len(prompts), config.num_rollouts, config.max_new_tokens
     )
 
-    measurement = measure(model, tokenizer, prompts, config, show_progress=True)
+    measurement = measure(
+        model,
+        tokenizer,
+        prompts,
+        config,
+        bootstrap=bootstrap,
+        running_positions=running_positions,
+        show_progress=True,
+    )
     for reason, count in measurement.pooled.undefined.items():
         logger.warning("NaN in %d prompt(s): %s", count, reason)
+    warnings = []
+    truncation = truncation_warning(measurement, args.truncation_warning)
+    if truncation is not None:
+        logger.warning(truncation)
+        warnings.append(truncation)
 
-    report = measurement_report(measurement, model=args.model, prompts_file=os.fspath(args.prompts))
-    _write_atomically(output, json.dumps(report, indent=2, allow_nan=False) + "\n")
-
-    pooled = measurement.pooled
-    print(
-        f"CE* = {pooled.ce_star:.3f} ± {pooled.ce_star_se:.3f} nats (Monte Carlo {pooled.ce_star_mc:.3f}), "
-        f"entropy rate = {pooled.entropy_rate:.3f} nats/token, mean length = {pooled.mean_length:.1f}, "
-        f"rho(N, r) = {pooled.rho_length_rate:.3f}, truncation = {pooled.truncation_rate:.2f} "
-        f"({measurement.seconds:.1f} s)"
+    report = measurement_report(
+        measurement, units=args.units, warnings=warnings, model=args.model, prompts_file=os.fspath(args.prompts)
     )
+    _write_atomically(output, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    print(summary_line(measurement, args.units))
     print(f"wrote {output}")
     return 0
+
+
+def summary_line(measurement, units: str) -> str:
+    """Return the one-line summary printed after a measurement, in `units`."""
+    pooled = measurement.pooled
+    factor = unit_factor(units)
+    interval = ""
+    if "ce_star" in pooled.intervals:
+        low, high = (bound * factor for bound in pooled.intervals["ce_star"])
+        interval = f", {pooled.confidence:.0%} interval over prompts [{low:.3f}, {high:.3f}]"
+    return (
+        f"CE* = {pooled.ce_star * factor:.3f} ± {pooled.ce_star_se * factor:.3f} {units}{interval} "
+        f"(Monte Carlo {pooled.ce_star_mc * factor:.3f}), "
+        f"entropy rate = {pooled.entropy_rate * factor:.3f} {units}/token, "
+        f"mean length = {pooled.mean_length:.1f}, rho(N, r) = {pooled.rho_length_rate:.3f}, "
+        f"truncation = {pooled.truncation_rate:.2f} ({measurement.seconds:.1f} s)"
+    )
+
+
+def _bootstrap_config(args: argparse.Namespace) -> BootstrapConfig:
+    try:
+        return BootstrapConfig(samples=args.bootstrap_samples, confidence=args.confidence, seed=args.seed)
+    except ValueError as error:
+        raise ValueError(f"--bootstrap-samples / --confidence: {error}") from None
 
 
 def _resolve_device(name: str | None) -> str:

@@ -39,6 +39,15 @@ class RolloutStats:
         """`r_i = S_i / N_i` `[M]`, in nats per token."""
         return self.entropy_sums / self.lengths.to(torch.float64)
 
+    def subset(self, keep: torch.Tensor) -> "RolloutStats":
+        """Return the rollouts where `keep` `[M]` (bool) is true, in their order."""
+        return RolloutStats(
+            lengths=self.lengths[keep],
+            entropy_sums=self.entropy_sums[keep],
+            surprisal_sums=self.surprisal_sums[keep],
+            truncated=self.truncated[keep],
+        )
+
 
 def summarize_rollouts(
     step_entropies: torch.Tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 from dataclasses import dataclass
@@ -10,18 +11,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessorList,
-    StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ..config import SamplingConfig
 from ..estimators import RolloutStats, summarize_rollouts
 from ..prompts import Prompt, encode_prompts, model_context_length
+from .policy import build_warpers, padding_changes_policy, policy_generation_config, policy_generation_defaults
 from .recorder import StepEntropyRecorder
 
 logger = logging.getLogger(__name__)
@@ -74,93 +69,6 @@ def resolve_eos_token_ids(model, tokenizer, extra: Sequence[int] | None = None) 
             "length cap; set generation_config.eos_token_id or pass eos_token_ids"
         )
     return unique
-
-
-def build_warpers(config: SamplingConfig) -> LogitsProcessorList:
-    """Build the temperature, top-k and top-p warpers of the decoding policy, in the
-    order `generate` applies them."""
-    warpers = LogitsProcessorList()
-    if config.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k > 0:
-        warpers.append(TopKLogitsWarper(top_k=config.top_k))
-    if config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=config.top_p))
-    return warpers
-
-
-def _generation_config(config: SamplingConfig, eos_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
-    # The warpers are passed as custom processors so that the recorder can follow
-    # them. `generate` would otherwise append its own warpers after every custom
-    # processor, so each one is set to its neutral value here. Explicit values also
-    # keep the model's own generation defaults (top_k=50 for many models, a
-    # temperature, a min_p) from changing the policy; min_p=0.0 is a no-op.
-    # `typical_p`, `epsilon_cutoff` and `eta_cutoff` from the model's generation
-    # config are neutralised the same way.
-    # NOTE: a `top_h` or a watermarking config in the model's generation config would
-    # still act after the recorder, so the recorded entropies would not match the policy.
-    return GenerationConfig(
-        do_sample=True,
-        num_beams=1,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        min_p=0.0,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        max_new_tokens=config.max_new_tokens,
-        num_return_sequences=config.num_rollouts,
-        eos_token_id=eos_token_ids,
-        pad_token_id=pad_token_id,
-        use_cache=True,
-    )
-
-
-# Fields of the model's own generation config that shape the distribution before the
-# warpers (penalties, banned and forced tokens). They stay part of the decoding policy.
-# Every other field (stop strings, assisted decoding, output options) is dropped while
-# the monitor samples, because it would change what `generate` returns or how it runs.
-_POLICY_FIELDS = (
-    "repetition_penalty",
-    "encoder_repetition_penalty",
-    "no_repeat_ngram_size",
-    "bad_words_ids",
-    "sequence_bias",
-    "min_length",
-    "min_new_tokens",
-    "suppress_tokens",
-    "begin_suppress_tokens",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "exponential_decay_length_penalty",
-    "bos_token_id",
-    "decoder_start_token_id",
-)
-
-
-@contextlib.contextmanager
-def policy_generation_defaults(model) -> Iterator[None]:
-    """Reduce the model's generation config to the fields of `_POLICY_FIELDS` while
-    sampling, and put the original back afterwards.
-
-    `generate` fills every field that the passed config leaves unset from
-    `model.generation_config`, so a model that ships, say, `stop_strings` or
-    `return_dict_in_generate=True` would otherwise break sampling.
-    """
-    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    original = getattr(owner, "generation_config", None)
-    if original is None:
-        yield
-        return
-    policy_values = {
-        name: getattr(original, name) for name in _POLICY_FIELDS if getattr(original, name, None) is not None
-    }
-    owner.generation_config = GenerationConfig(**policy_values)
-    try:
-        yield
-    finally:
-        owner.generation_config = original
 
 
 @contextlib.contextmanager
@@ -237,6 +145,96 @@ def rollout_lengths(generated: torch.Tensor, eos_token_ids: Sequence[int], max_n
     return lengths, ~has_end
 
 
+@dataclass(frozen=True)
+class PolicyGeneration:
+    """The `generate` set-up of one decoding policy, shared by `sample_rollouts` and the
+    exact tree walker of `canopy_monitor.exact`, so that both use the same distribution.
+
+    Attributes:
+        config (`SamplingConfig`): decoding policy and budget.
+        eos_token_ids (`list[int]`): every id that ends a rollout.
+        pad_token_id (`int`): the tokenizer's padding id, or the first end-of-sequence id.
+        warpers (`LogitsProcessorList`): temperature, top-k and top-p, from `build_warpers`.
+    """
+
+    config: SamplingConfig
+    eos_token_ids: list[int]
+    pad_token_id: int
+    warpers: LogitsProcessorList
+
+    @classmethod
+    def build(cls, model, tokenizer, config: SamplingConfig, eos_token_ids: Sequence[int] | None = None) -> "PolicyGeneration":
+        """Resolve the end-of-sequence and padding ids and build the warpers.
+
+        Raises:
+            `ValueError`: from `resolve_eos_token_ids`.
+        """
+        eos_ids = resolve_eos_token_ids(model, tokenizer, eos_token_ids)
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        return cls(config=config, eos_token_ids=eos_ids, pad_token_id=pad_token_id, warpers=build_warpers(config))
+
+    def encode(self, model, tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Encode prompts as the sampler does (`encode_prompts` with the config's options)."""
+        return encode_prompts(
+            tokenizer,
+            prompts,
+            use_chat_template=self.config.use_chat_template,
+            max_new_tokens=self.config.max_new_tokens,
+            context_length=model_context_length(model),
+        )
+
+    @contextlib.contextmanager
+    def session(self, model) -> Iterator[None]:
+        """Seed the private random stream, reduce the model's generation config to its
+        policy fields, and restore the model and every global random state on exit."""
+        with preserved_state(model, self.config.seed), policy_generation_defaults(model, self.config):
+            yield
+
+    def generate(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        num_return_sequences: int,
+        after_policy: Sequence[LogitsProcessor],
+        stopping_criteria: Sequence[StoppingCriteria],
+    ) -> torch.Tensor:
+        """Call `generate` inside `session`, with the length cap `T` of the config.
+
+        The processors of the model's generation config act first, relative to the real
+        prompt, then the warpers, then `after_policy`: processors that see the final
+        distribution of each step (a recorder) or replace it (a forced path).
+
+        Returns:
+            `torch.Tensor` of shape `[B * num_return_sequences, W + K]`: the sequences.
+        """
+        generation_config = policy_generation_config(self.config, self.eos_token_ids, self.pad_token_id, num_return_sequences)
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList([*self.warpers, *after_policy]),
+            stopping_criteria=StoppingCriteriaList(stopping_criteria),
+        )
+
+
+def _prompt_batches(encoded: Sequence[Sequence[int]], prompts_per_batch: int, equal_lengths: bool) -> list[list[int]]:
+    """Group prompt indices into batches, sorted by length so that batches need little padding.
+
+    With `equal_lengths`, a batch holds only prompts of one encoded length, so no row is padded.
+    """
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    groups = [order]
+    if equal_lengths:
+        groups = [list(group) for _, group in itertools.groupby(order, key=lambda i: len(encoded[i]))]
+    batches = []
+    for group in groups:
+        for start in range(0, len(group), prompts_per_batch):
+            batches.append(group[start : start + prompts_per_batch])
+    return batches
+
+
 @torch.no_grad()
 def sample_rollouts(
     model,
@@ -252,9 +250,12 @@ def sample_rollouts(
     Prompts are encoded (with the chat template unless `config.use_chat_template` is
     false), sorted by length so that batches need little padding, left-padded by
     hand (the tokenizer is never modified) and generated in batches of at most
-    `config.batch_size` rollouts. Step entropies are of the decoding policy that is
-    sampled from, computed at each step. The model's training mode and every global
-    random state are as before when this returns.
+    `config.batch_size` rollouts. When a processor of the model's generation config
+    would read the padding (`min_length`, n-gram bans, sequence biases), only prompts
+    of one length share a batch. Step entropies are of the decoding policy that is
+    sampled from, computed at each step: the processors of the policy fields (`policy.POLICY_FIELDS`) from the
+    model's generation config, then temperature, top-k and top-p. The model's
+    training mode and every global random state are as before when this returns.
 
     Args:
         model: a causal LM with `generate` (a PEFT model works).
@@ -269,20 +270,11 @@ def sample_rollouts(
         `list[PromptRollouts]`, one per prompt, in the order of `prompts`.
     """
 
-    eos_ids = resolve_eos_token_ids(model, tokenizer, eos_token_ids)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    encoded = encode_prompts(
-        tokenizer,
-        prompts,
-        use_chat_template=config.use_chat_template,
-        max_new_tokens=config.max_new_tokens,
-        context_length=model_context_length(model),
-    )
-    generation_config = _generation_config(config, eos_ids, pad_token_id)
-    warpers = build_warpers(config)
+    policy = PolicyGeneration.build(model, tokenizer, config, eos_token_ids)
+    eos_ids = policy.eos_token_ids
+    encoded = policy.encode(model, tokenizer, prompts)
     prompts_per_batch = max(1, config.batch_size // config.num_rollouts)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    batches = [order[start : start + prompts_per_batch] for start in range(0, len(order), prompts_per_batch)]
+    batches = _prompt_batches(encoded, prompts_per_batch, equal_lengths=padding_changes_policy(model))
     device = _model_device(model)
     results: dict[int, PromptRollouts] = {}
 
@@ -295,17 +287,17 @@ def sample_rollouts(
     with contextlib.ExitStack() as stack:
         if progress is not None:
             stack.callback(progress.close)
-        stack.enter_context(preserved_state(model, config.seed))
-        stack.enter_context(policy_generation_defaults(model))
+        stack.enter_context(policy.session(model))
         for batch in batches:
-            input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_token_id, device)
+            input_ids, attention_mask = _left_pad([encoded[i] for i in batch], policy.pad_token_id, device)
             recorder = StepEntropyRecorder()
-            sequences = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=generation_config,
-                logits_processor=LogitsProcessorList([*warpers, recorder.logits_processor]),
-                stopping_criteria=StoppingCriteriaList([recorder.stopping_criteria]),
+            sequences = policy.generate(
+                model,
+                input_ids,
+                attention_mask,
+                num_return_sequences=config.num_rollouts,
+                after_policy=[recorder.logits_processor],
+                stopping_criteria=[recorder.stopping_criteria],
             )  # [P * M, W + K]
             generated = sequences[:, input_ids.shape[1] :]  # [P * M, K]
             step_entropies, token_logprobs = recorder.stacked()  # [P * M, >= K]

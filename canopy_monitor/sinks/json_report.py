@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from ..measurement import Measurement
 from .metrics import json_safe
+from .units import check_units, convert_nested
 
 
-def measurement_report(measurement: Measurement, **config) -> dict:
-    """Build `{"config", "pooled", "prompts"}` from a measurement.
+def measurement_report(
+    measurement: Measurement, *, units: str = "nats", warnings: list[str] | None = None, **config
+) -> dict:
+    """Build `{"config", "pooled", "seconds", "warnings", "prompts"}` from a measurement.
 
     `config` contains what identifies the run (model, prompt source, ...); the sampling
-    settings are added to it. Each entry of `prompts` has the prompt text, its figures
-    and its `rollouts` (`text`, `length`, `entropy_sum`, `surprisal_sum`, `entropy_rate`,
-    `truncated`). NaN becomes `null`.
+    settings, the bootstrap settings, the running positions and `units` are added to
+    it. Each entry of `prompts` has the prompt text, its figures and its `rollouts`
+    (`text`, `length`, `entropy_sum`, `surprisal_sum`, `entropy_rate`, `truncated`).
+    Entropy-valued figures are in `units`. NaN becomes `null`.
     """
+    check_units(units)
     prompts = []
     for prompt_rollouts, estimates in zip(measurement.rollouts, measurement.estimates):
         stats = prompt_rollouts.stats
@@ -35,10 +40,19 @@ def measurement_report(measurement: Measurement, **config) -> dict:
         ]
         prompts.append(entry)
 
+    bootstrap = measurement.bootstrap.to_dict() if measurement.bootstrap is not None else None
     document = {
-        "config": {**config, **measurement.config.to_dict(), "num_prompts": len(prompts)},
-        "pooled": measurement.pooled.to_dict(),
+        "config": {
+            **config,
+            **measurement.config.to_dict(),
+            "num_prompts": len(prompts),
+            "units": units,
+            "bootstrap": bootstrap,
+            "running_positions": list(measurement.running_positions),
+        },
+        "pooled": convert_nested(measurement.pooled.to_dict(), units),
         "seconds": measurement.seconds,
-        "prompts": prompts,
+        "warnings": list(warnings or []),
+        "prompts": convert_nested(prompts, units),
     }
     return json_safe(document)

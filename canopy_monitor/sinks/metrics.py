@@ -4,21 +4,49 @@ from __future__ import annotations
 
 import math
 
-from ..estimators import PooledEstimates
+from ..estimators import FigureChange, PooledEstimates
+from .units import convert_flat
 
 METRIC_PREFIX = "canopy/"
 
+# Figures whose change since the first monitoring point is logged as `canopy/change/<name>`.
+CHANGE_FIGURES = (
+    "ce_star",
+    "entropy_rate",
+    "mean_length",
+    "rho_length_rate",
+    "length_driven",
+    "conveyance",
+    "truncation_rate",
+)
 
-def scalar_metrics(pooled: PooledEstimates) -> dict[str, float]:
-    """Return the pooled figures as `canopy/<field>` scalars, e.g. `canopy/ce_star`.
 
-    `num_prompts` and `total_rollouts` are counts of the set-up, not figures, and are
-    left out.
+def scalar_metrics(
+    pooled: PooledEstimates,
+    *,
+    units: str = "nats",
+    change: dict[str, FigureChange] | None = None,
+) -> dict[str, float]:
+    """Return the pooled figures as `canopy/<name>` scalars, e.g. `canopy/ce_star`.
+
+    Each figure with a bootstrap interval is followed by `canopy/<name>_ci_low` and
+    `canopy/<name>_ci_high`. Completed-only figures are `canopy/completed/<name>`.
+    With `change`, the figures of `CHANGE_FIGURES` add `canopy/change/<name>` (the
+    difference from the earlier measurement) and its paired interval. Entropy-valued
+    figures are converted to `units`. `num_prompts` and `total_rollouts` are counts
+    of the set-up, not figures, and are left out.
     """
-    scalars = pooled.scalars()
-    scalars.pop("num_prompts")
-    scalars.pop("total_rollouts")
-    return {METRIC_PREFIX + name: float(value) for name, value in scalars.items()}
+    metrics: dict[str, float] = {}
+    for name, value in pooled.figures().items():
+        metrics[name] = value
+        if name in pooled.intervals:
+            metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = pooled.intervals[name]
+    for name in CHANGE_FIGURES:
+        if change is not None and name in change:
+            metrics[f"change/{name}"] = change[name].delta
+            metrics[f"change/{name}_ci_low"] = change[name].ci_low
+            metrics[f"change/{name}_ci_high"] = change[name].ci_high
+    return {METRIC_PREFIX + name: float(value) for name, value in convert_flat(metrics, units).items()}
 
 
 def json_safe(value):

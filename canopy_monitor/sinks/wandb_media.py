@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..measurement import Measurement
+from .units import unit_factor
 
 ROLLOUT_COLUMNS = [
     "step",
@@ -18,8 +19,12 @@ ROLLOUT_COLUMNS = [
 ]
 
 
-def rollout_rows(measurement: Measurement, step: int, max_rollouts_per_prompt: int) -> list[list]:
-    """Return one table row per rollout, at most `max_rollouts_per_prompt` per prompt."""
+def rollout_rows(
+    measurement: Measurement, step: int, max_rollouts_per_prompt: int, units: str = "nats"
+) -> list[list]:
+    """Return one table row per rollout, at most `max_rollouts_per_prompt` per prompt,
+    with entropies in `units`."""
+    factor = unit_factor(units)
     rows = []
     for prompt_index, prompt_rollouts in enumerate(measurement.rollouts):
         stats = prompt_rollouts.stats
@@ -33,27 +38,30 @@ def rollout_rows(measurement: Measurement, step: int, max_rollouts_per_prompt: i
                     rollout_index,
                     prompt_rollouts.texts[rollout_index],
                     int(stats.lengths[rollout_index]),
-                    float(stats.entropy_sums[rollout_index]),
-                    float(rates[rollout_index]),
-                    float(stats.surprisal_sums[rollout_index]),
+                    float(stats.entropy_sums[rollout_index]) * factor,
+                    float(rates[rollout_index]) * factor,
+                    float(stats.surprisal_sums[rollout_index]) * factor,
                     bool(stats.truncated[rollout_index]),
                 ]
             )
     return rows
 
 
-def log_rollout_media(run, measurement: Measurement, step: int, *, max_rollouts_per_prompt: int = 8) -> None:
+def log_rollout_media(
+    run, measurement: Measurement, step: int, *, max_rollouts_per_prompt: int = 8, units: str = "nats"
+) -> None:
     """Log the rollout table (`canopy/rollouts`) and a scatter of length against entropy
     rate (`canopy/length_vs_entropy_rate`) at `train/global_step = step`.
 
     The scatter uses every rollout; the table keeps at most `max_rollouts_per_prompt`
-    rollouts per prompt so that its size stays bounded.
+    rollouts per prompt so that its size stays bounded. Entropies are in `units`.
     """
     import wandb
 
-    table = wandb.Table(columns=ROLLOUT_COLUMNS, data=rollout_rows(measurement, step, max_rollouts_per_prompt))
+    factor = unit_factor(units)
+    table = wandb.Table(columns=ROLLOUT_COLUMNS, data=rollout_rows(measurement, step, max_rollouts_per_prompt, units))
     points = [
-        [int(length), float(rate)]
+        [int(length), float(rate) * factor]
         for prompt_rollouts in measurement.rollouts
         for length, rate in zip(prompt_rollouts.stats.lengths, prompt_rollouts.stats.entropy_rates)
     ]
