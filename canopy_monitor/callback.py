@@ -11,7 +11,14 @@ from typing import Sequence
 from transformers import Trainer, TrainerCallback
 
 from .config import SamplingConfig
-from .estimators import BootstrapConfig, PromptEstimates, check_running_positions, paired_change
+from .estimators import (
+    BootstrapConfig,
+    PromptEstimates,
+    check_confidence,
+    check_running_positions,
+    check_samples,
+    paired_change,
+)
 from .measurement import (
     DEFAULT_TRUNCATION_WARNING,
     Measurement,
@@ -94,7 +101,8 @@ class CanopyMonitorCallback(TrainerCallback):
         units (`str`, *optional*, defaults to `"nats"`):
             Unit of logged entropies and entropy rates, `"nats"` or `"bits"`.
         bootstrap_samples (`int`, *optional*, defaults to `1000`):
-            Resamples of the bootstrap over prompts behind each interval; `0` logs none.
+            Resamples of the bootstrap over prompts behind each interval, at least 2;
+            `0` logs no intervals.
         confidence (`float`, *optional*, defaults to `0.95`):
             Coverage of the bootstrap intervals.
         running_positions (`list[int]`, *optional*):
@@ -163,7 +171,11 @@ class CanopyMonitorCallback(TrainerCallback):
         self.units = check_units(units)
         # The same seed as sampling: every point resamples the same prompts, so the
         # intervals of two points, and of their change, are paired.
-        self.bootstrap = BootstrapConfig(samples=bootstrap_samples, confidence=confidence, seed=seed)
+        self.bootstrap = BootstrapConfig(
+            samples=check_samples(bootstrap_samples, "bootstrap_samples"),
+            confidence=check_confidence(confidence, "confidence"),
+            seed=seed,
+        )
         self.running_positions = check_running_positions(running_positions, max_new_tokens)
         self.truncation_threshold = check_truncation_threshold(truncation_warning)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -86,15 +87,20 @@ def measure(
     )
 
 
-# Truncation share above which `truncation_warning` speaks up, unless the user sets another.
+# Default truncation share above which `truncation_warning` returns a warning.
 DEFAULT_TRUNCATION_WARNING = 0.2
 
 
-def check_truncation_threshold(threshold: float) -> float:
-    """Return `threshold` if it is a number from 0 to 1, else raise `ValueError`."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        raise ValueError(f"the truncation warning threshold must be a number from 0 to 1, got {threshold!r}.")
+def check_truncation_threshold(threshold: float, name: str = "truncation_warning") -> float:
+    """Return `threshold` as a `float` if it is a number from 0 to 1, else raise `ValueError`."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
+        raise ValueError(f"{name} must be a share of rollouts from 0 to 1, such as 0.2, got {threshold!r}.")
     return float(threshold)
+
+
+def format_share(value: float) -> str:
+    """Format a share as a percentage with the digits it needs: 0.95 -> 95%, 0.999 -> 99.9%."""
+    return f"{value * 100:.4g}%"
 
 
 def truncation_warning(measurement: Measurement, threshold: float) -> str | None:
@@ -103,8 +109,8 @@ def truncation_warning(measurement: Measurement, threshold: float) -> str | None
     if not rate > threshold:
         return None
     return (
-        f"{rate:.0%} of the rollouts reached the length cap of {measurement.config.max_new_tokens} tokens "
-        f"without ending (warning threshold {threshold:.0%}). CE* and the other figures then describe the "
+        f"{format_share(rate)} of the rollouts reached the length cap of {measurement.config.max_new_tokens} "
+        f"tokens without ending (warning threshold {format_share(threshold)}). CE* and the other figures then describe the "
         "capped process, so the cap, not the model, sets part of the length. Raise max_new_tokens, or read "
         "the completed/ figures, which use only the rollouts that ended."
     )

@@ -11,8 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SamplingConfig
-from ..estimators import BootstrapConfig, check_running_positions
-from ..measurement import DEFAULT_TRUNCATION_WARNING, check_truncation_threshold, measure, truncation_warning
+from ..estimators import BootstrapConfig, check_confidence, check_running_positions, check_samples
+from ..measurement import (
+    DEFAULT_TRUNCATION_WARNING,
+    check_truncation_threshold,
+    format_share,
+    measure,
+    truncation_warning,
+)
 from ..models import DEFAULT_MODEL, load_model_and_tokenizer
 from ..prompts import load_prompts
 from ..sinks.json_report import measurement_report
@@ -90,10 +96,7 @@ def parse_running_positions(text: str | None, max_new_tokens: int) -> tuple[int,
         raise ValueError(
             f"--running-positions {text!r} is not a comma-separated list of token positions such as 16,32,64."
         ) from None
-    try:
-        return check_running_positions(positions, max_new_tokens)
-    except ValueError as error:
-        raise ValueError(f"--running-positions: {error}") from None
+    return check_running_positions(positions, max_new_tokens, name="--running-positions")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,9 +113,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.num_prompts is not None and args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be a positive integer, got {args.num_prompts}.")
-    bootstrap = _bootstrap_config(args)
+    bootstrap = BootstrapConfig(
+        samples=check_samples(args.bootstrap_samples, "--bootstrap-samples"),
+        confidence=check_confidence(args.confidence, "--confidence"),
+        seed=args.seed,
+    )
     running_positions = parse_running_positions(args.running_positions, config.max_new_tokens)
-    check_truncation_threshold(args.truncation_warning)
+    check_truncation_threshold(args.truncation_warning, "--truncation-warning")
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     device = _resolve_device(args.device)
     output = _prepare_output(Path(args.output))
@@ -154,7 +161,7 @@ def summary_line(measurement, units: str) -> str:
     interval = ""
     if "ce_star" in pooled.intervals:
         low, high = (bound * factor for bound in pooled.intervals["ce_star"])
-        interval = f", {pooled.confidence:.0%} interval over prompts [{low:.3f}, {high:.3f}]"
+        interval = f", {format_share(pooled.confidence)} interval over prompts [{low:.3f}, {high:.3f}]"
     return (
         f"CE* = {pooled.ce_star * factor:.3f} ± {pooled.ce_star_se * factor:.3f} {units}{interval} "
         f"(Monte Carlo {pooled.ce_star_mc * factor:.3f}), "
@@ -162,13 +169,6 @@ def summary_line(measurement, units: str) -> str:
         f"mean length = {pooled.mean_length:.1f}, rho(N, r) = {pooled.rho_length_rate:.3f}, "
         f"truncation = {pooled.truncation_rate:.2f} ({measurement.seconds:.1f} s)"
     )
-
-
-def _bootstrap_config(args: argparse.Namespace) -> BootstrapConfig:
-    try:
-        return BootstrapConfig(samples=args.bootstrap_samples, confidence=args.confidence, seed=args.seed)
-    except ValueError as error:
-        raise ValueError(f"--bootstrap-samples / --confidence: {error}") from None
 
 
 def _resolve_device(name: str | None) -> str:

@@ -1,6 +1,6 @@
 """Estimators of canopy entropy and the length-rate relation: pure functions over tensors."""
 
-from .bootstrap import BootstrapConfig, percentile_intervals, resample_indices
+from .bootstrap import BootstrapConfig, check_confidence, check_samples, percentile_intervals, resample_indices
 from .change import FigureChange, paired_change
 from .correlation import Correlation, PooledCorrelation, average_ranks, correlate, fisher_pool, pool_correlations
 from .length_views import (
@@ -28,7 +28,9 @@ __all__ = [
     "RolloutStats",
     "RunningRate",
     "average_ranks",
+    "check_confidence",
     "check_running_positions",
+    "check_samples",
     "correlate",
     "default_running_positions",
     "estimate_prompt",

@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
+
+
+def check_samples(value, name: str = "samples") -> int:
+    """Return `value` as an `int` if it is 0 (no bootstrap) or at least 2, else raise `ValueError`.
+
+    One resample would give an interval of zero width, which would look like certainty.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0 or value == 1:
+        raise ValueError(f"{name} must be 0 (no intervals) or an integer of at least 2, got {value!r}.")
+    return int(value)
+
+
+def check_confidence(value, name: str = "confidence") -> float:
+    """Return `value` as a `float` if it lies strictly between 0 and 1, else raise `ValueError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number strictly between 0 and 1, such as 0.95, got {value!r}.")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -17,8 +35,8 @@ class BootstrapConfig:
     resample the same prompts.
 
     Args:
-        samples (`int`, *optional*, defaults to `1000`): bootstrap resamples; `0` turns
-            the intervals off.
+        samples (`int`, *optional*, defaults to `1000`): bootstrap resamples, at least 2;
+            `0` turns the intervals off.
         confidence (`float`, *optional*, defaults to `0.95`): coverage of each interval,
             strictly between 0 and 1.
         seed (`int`, *optional*, defaults to `0`): seed of the resampling generator.
@@ -29,12 +47,12 @@ class BootstrapConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
-            raise ValueError(f"bootstrap samples must be a non-negative integer (0 turns it off), got {self.samples!r}.")
-        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or not 0 < self.confidence < 1:
-            raise ValueError(f"bootstrap confidence must be a number strictly between 0 and 1, got {self.confidence!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+        # Frozen: the checked values (NumPy numbers become Python ones) are set through object.
+        object.__setattr__(self, "samples", check_samples(self.samples))
+        object.__setattr__(self, "confidence", check_confidence(self.confidence))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**63:
             raise ValueError(f"bootstrap seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}.")
+        object.__setattr__(self, "seed", int(self.seed))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import torch
+
 from .bootstrap import BootstrapConfig, percentile_intervals, resample_indices
 from .pooled import NO_INTERVAL, pool_columns, prompt_columns
 from .prompt import PromptEstimates
@@ -42,7 +44,9 @@ def paired_change(
 
     Each resample draws one set of prompt indices and pools both sides over it, so
     the interval of a change reflects only how the prompts differ in their change.
-    Use it for two monitoring points of a run or for two models.
+    A figure that one side leaves undefined for a prompt (a running rate that no
+    rollout reached, say) is left out on both sides, so each change compares the
+    same prompts. Use it for two monitoring points of a run or for two models.
 
     Args:
         before, after (sequences of `PromptEstimates`): per prompt, the same prompts in
@@ -61,8 +65,7 @@ def paired_change(
         raise ValueError(
             f"a paired comparison needs the same prompts on both sides, got {len(before)} and {len(after)} prompts"
         )
-    columns_before = prompt_columns(before)
-    columns_after = prompt_columns(after)
+    columns_before, columns_after = _paired_columns(prompt_columns(before), prompt_columns(after))
     point_before = pool_columns(columns_before)
     point_after = pool_columns(columns_after)
     names = [name for name in point_before if name in point_after and name not in NO_INTERVAL]
@@ -84,3 +87,15 @@ def paired_change(
         low, high = intervals.get(name, (math.nan, math.nan))
         changes[name] = FigureChange(value_before, value_after, delta, relative, low, high)
     return changes
+
+
+def _paired_columns(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Keep the columns both sides have, with NaN on both sides where either is NaN."""
+    paired_before, paired_after = {}, {}
+    for name in before.keys() & after.keys():
+        both = torch.isfinite(before[name]) & torch.isfinite(after[name])
+        paired_before[name] = torch.where(both, before[name], math.nan)
+        paired_after[name] = torch.where(both, after[name], math.nan)
+    return paired_before, paired_after

@@ -7,6 +7,8 @@ the mean rate over the first `t` tokens of the rollouts that reached `t`.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -73,22 +75,26 @@ def default_running_positions(max_new_tokens: int) -> tuple[int, ...]:
     return tuple(positions)
 
 
-def check_running_positions(positions: Sequence[int] | None, max_new_tokens: int) -> tuple[int, ...] | None:
+def check_running_positions(
+    positions: Sequence[int] | None, max_new_tokens: int, name: str = "running_positions"
+) -> tuple[int, ...] | None:
     """Return `positions` sorted and without repeats; `None` stays `None` (the defaults).
 
     Raises:
-        `ValueError`: a position is not an integer from 1 to `max_new_tokens`.
+        `ValueError`: `positions` is not a list of integers from 1 to `max_new_tokens`.
     """
     if positions is None:
         return None
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, Iterable):
+        raise ValueError(f"{name} must be a list of token positions such as [16, 32, 64], got {positions!r}.")
     checked = []
     for position in positions:
-        if isinstance(position, bool) or not isinstance(position, int) or not 1 <= position <= max_new_tokens:
+        if isinstance(position, bool) or not isinstance(position, numbers.Integral) or not 1 <= position <= max_new_tokens:
             raise ValueError(
-                f"running entropy rate positions must be integers from 1 to the length cap {max_new_tokens}, "
+                f"{name} must contain integers from 1 to the length cap max_new_tokens={max_new_tokens}, "
                 f"got {position!r}."
             )
-        checked.append(position)
+        checked.append(int(position))
     return tuple(sorted(set(checked)))
 
 

@@ -2,8 +2,8 @@
 
 The per-prompt estimates become columns `[P]` (one value per prompt), and one routine
 pools columns of any leading shape `[..., P]`. The point estimate pools the columns as
-they are; the bootstrap pools `B` resampled copies `[B, P]` with the very same code, so
-an interval always belongs to the figure it is reported beside.
+they are. The bootstrap pools `B` resampled copies `[B, P]` with the same code, so an
+interval always belongs to the figure it is reported beside.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ POOLED_CORRELATION_REASON = (
     "the pooled Pearson and Spearman correlations need at least 4 rollouts per prompt (Fisher weights M - 3)"
 )
 BOOTSTRAP_REASON = "bootstrap intervals need at least 2 prompts"
+NO_COMPLETED_REASON = "no prompt has 2 rollouts that ended before the length cap, so every completed-only figure is NaN"
 COMPLETED_PREFIX = "completed/"
+# Prefix of the reasons of completed-only figures when they are reported with the others.
+COMPLETED_REASON_PREFIX = "completed-only figures: "
 
 # Pearson and Spearman coefficients of exactly +-1 have an infinite Fisher z; they
 # are clipped to this magnitude before pooling.
@@ -75,15 +78,17 @@ class PooledEstimates:
             entropy rate at `t`, over the prompts where some rollout reached `t`.
         running_active_share: `{t: share}`, the mean over prompts of the share of
             rollouts that reached `t`.
-        completed: the same figures over the rollouts that ended before the cap, or
-            `None` when no prompt has 2 of them.
+        completed: the same figures over the rollouts that ended before the cap, pooled
+            over the prompts with 2 or more of them (NaN figures when there is none).
+            `None` only inside a `completed` itself.
         intervals: `{figure: (low, high)}`, percentile bootstrap intervals over prompts,
             keyed by the names of `figures()` (completed-only ones included); empty
             without a bootstrap.
         confidence: coverage of the intervals, e.g. `0.95`; `None` without a bootstrap.
         bootstrap_samples: resamples behind the intervals (0 without a bootstrap).
         undefined: `{reason: prompts}`, how many prompts had a NaN figure for each
-            reason, plus the reasons a pooled figure or interval is NaN.
+            reason, plus the reasons a pooled figure or interval is NaN. Reasons that
+            only `completed` has appear here too, prefixed with `completed-only figures: `.
     """
 
     num_prompts: int
@@ -183,19 +188,24 @@ def pool_prompts(
             intervals = bootstrap_intervals(columns, bootstrap)
 
     completed_estimates = [e.completed for e in estimates if e.completed is not None]
-    completed = None
-    if completed_estimates:
-        completed = _assemble(
-            {name[len(COMPLETED_PREFIX) :]: value for name, value in figures.items() if name.startswith(COMPLETED_PREFIX)},
-            completed_estimates,
-            intervals={
-                name[len(COMPLETED_PREFIX) :]: bounds
-                for name, bounds in intervals.items()
-                if name.startswith(COMPLETED_PREFIX)
-            },
-            bootstrap=bootstrap,
-            undefined=Counter(reason for e in completed_estimates for reason in e.undefined),
-        )
+    completed_undefined = Counter(reason for e in completed_estimates for reason in e.undefined)
+    if not completed_estimates:
+        completed_undefined[NO_COMPLETED_REASON] = len(estimates)
+    completed = _assemble(
+        {name[len(COMPLETED_PREFIX) :]: value for name, value in figures.items() if name.startswith(COMPLETED_PREFIX)},
+        completed_estimates,
+        intervals={
+            name[len(COMPLETED_PREFIX) :]: bounds
+            for name, bounds in intervals.items()
+            if name.startswith(COMPLETED_PREFIX)
+        },
+        bootstrap=bootstrap,
+        undefined=completed_undefined,
+    )
+    for reason, count in completed.undefined.items():
+        # A cause already reported for all rollouts is not repeated for the completed ones.
+        if reason not in undefined:
+            undefined[COMPLETED_REASON_PREFIX + reason] = count
     return _assemble(
         {name: value for name, value in figures.items() if not name.startswith(COMPLETED_PREFIX)},
         estimates,
@@ -215,18 +225,13 @@ def _assemble(
     undefined: Counter,
     completed: PooledEstimates | None = None,
 ) -> PooledEstimates:
-    if all(e.num_rollouts <= 3 for e in estimates):
+    if estimates and all(e.num_rollouts <= 3 for e in estimates):
         undefined[POOLED_CORRELATION_REASON] = len(estimates)
     running_rate = {}
     running_share = {}
     for name, value in figures.items():
         if name.startswith(_RUNNING_RATE):
-            position = int(name[len(_RUNNING_RATE) :])
-            running_rate[position] = value
-            if math.isnan(value):
-                undefined[f"no rollout of any prompt reached token {position}, so its running entropy rate is NaN"] = len(
-                    estimates
-                )
+            running_rate[int(name[len(_RUNNING_RATE) :])] = value
         elif name.startswith(_RUNNING_SHARE):
             running_share[int(name[len(_RUNNING_SHARE) :])] = value
     scalar_names = {item.name for item in fields(PooledEstimates)} - {"num_prompts", "total_rollouts"}
@@ -252,17 +257,19 @@ def prompt_columns(estimates: Sequence[PromptEstimates]) -> dict[str, torch.Tens
     """Arrange per-prompt estimates as columns `{name: [P]}` (float64), for pooling.
 
     Completed-only estimates get the same columns under `completed/`; a prompt
-    without them has `n = 0` and NaN there.
+    without them has `n = 0` and NaN there. Both groups have a column for every
+    running position of any prompt, so the figures' names never depend on which
+    rollouts ended.
     """
-    columns = _group_columns(list(estimates))
-    completed = _group_columns([e.completed for e in estimates])
+    positions = sorted({position for e in estimates for position in e.running_entropy_rate})
+    columns = _group_columns(list(estimates), positions)
+    completed = _group_columns([e.completed for e in estimates], positions)
     columns.update({COMPLETED_PREFIX + name: column for name, column in completed.items()})
     return columns
 
 
-def _group_columns(estimates: list[PromptEstimates | None]) -> dict[str, torch.Tensor]:
+def _group_columns(estimates: list[PromptEstimates | None], positions: list[int]) -> dict[str, torch.Tensor]:
     nan = math.nan
-    positions = sorted({position for e in estimates if e is not None for position in e.running_entropy_rate})
 
     def column(read) -> torch.Tensor:
         return torch.tensor([read(e) if e is not None else nan for e in estimates], dtype=torch.float64)
@@ -316,7 +323,8 @@ def _fisher_mean(coefficients: torch.Tensor, sizes: torch.Tensor) -> torch.Tenso
 
 def _pool_group(columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sizes = columns["n"]  # [..., P]
-    defined = sizes > 0
+    # A paired comparison blanks a prompt's figures where the other side lacks them.
+    defined = (sizes > 0) & torch.isfinite(columns["ce_star"])
     num_defined = defined.sum(dim=-1)
 
     figures = {name: _nan_mean(columns[name]) for name in _MEAN_FIGURES}

@@ -182,6 +182,8 @@ def estimate_prompt(
         for position, running in running_entropy_rates(step_entropies, stats.lengths, running_positions).items():
             running_rate[position] = running.entropy_rate
             running_share[position] = running.active_share
+            if math.isnan(running.entropy_rate):
+                undefined.append(f"no rollout reached token {position}, so the running entropy rate there is NaN")
 
     completed = None
     if completed_only:

@@ -203,7 +203,8 @@ _REPLACED_POLICY_FIELDS = (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0))
 _reported_causes: set[tuple] = set()
 
 
-def _report_once(level: int, cause: tuple, message: str) -> None:
+def report_once(level: int, cause: tuple, message: str) -> None:
+    """Log `message` at `level` unless a message with the same `cause` was logged in this process."""
     if cause in _reported_causes:
         return
     _reported_causes.add(cause)
@@ -222,7 +223,7 @@ def _report_unapplied_fields(generation_config: GenerationConfig, config: Sampli
         value = getattr(generation_config, name, None)
         if not acts(value):
             continue
-        _report_once(
+        report_once(
             logging.WARNING,
             ("dropped", name, repr(value)),
             f"The model's generation config sets {name}={value!r}, which canopy-monitor does not apply: "
@@ -236,7 +237,7 @@ def _report_unapplied_fields(generation_config: GenerationConfig, config: Sampli
         monitor_value = getattr(config, name)
         if model_value == monitor_value:
             continue
-        _report_once(
+        report_once(
             logging.INFO,
             ("replaced", name, repr(model_value), repr(monitor_value)),
             f"The model's generation config sets {name}={model_value!r}, but canopy-monitor samples with "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import numbers
 import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -16,7 +17,13 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from ..config import SamplingConfig
 from ..estimators import RolloutStats, summarize_rollouts
 from ..prompts import Prompt, encode_prompts, model_context_length
-from .policy import build_warpers, padding_changes_policy, policy_generation_config, policy_generation_defaults
+from .policy import (
+    build_warpers,
+    padding_changes_policy,
+    policy_generation_config,
+    policy_generation_defaults,
+    report_once,
+)
 from .recorder import StepEntropyRecorder
 
 logger = logging.getLogger(__name__)
@@ -47,21 +54,43 @@ def resolve_eos_token_ids(model, tokenizer, extra: Sequence[int] | None = None) 
     """Collect every end-of-sequence id: the generation config's (an int or a list),
     the tokenizer's, and `extra`.
 
+    A configured id outside the model's vocabulary can never be sampled, so it is
+    left out with a warning.
+
     Raises:
-        `ValueError`: an id in `extra` is not a non-negative integer, or there is no id at all.
+        `ValueError`: an id in `extra` is not a non-negative integer or is outside the
+            model's vocabulary, or there is no usable id at all.
     """
-    ids: list[int] = []
+    vocabulary_size = _vocabulary_size(model)
+    configured_ids: list[int] = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
-        ids.append(configured)
+        configured_ids.append(configured)
     elif configured is not None:
-        ids.extend(int(i) for i in configured)
+        configured_ids.extend(int(i) for i in configured)
     if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    for token_id in extra or ():
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-            raise ValueError(f"eos_token_ids must be non-negative integer token ids, got {token_id!r}.")
+        configured_ids.append(int(tokenizer.eos_token_id))
+
+    ids: list[int] = []
+    for token_id in configured_ids:
+        if vocabulary_size is not None and not 0 <= token_id < vocabulary_size:
+            report_once(
+                logging.WARNING,
+                ("eos outside vocabulary", token_id, vocabulary_size),
+                f"The end-of-sequence id {token_id} of the model's generation config or tokenizer is outside "
+                f"the model's vocabulary of {vocabulary_size} tokens, so canopy-monitor leaves it out.",
+            )
+            continue
         ids.append(token_id)
+    for token_id in extra or ():
+        if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral) or token_id < 0:
+            raise ValueError(f"eos_token_ids must be non-negative integer token ids, got {token_id!r}.")
+        if vocabulary_size is not None and token_id >= vocabulary_size:
+            raise ValueError(
+                f"eos_token_ids contains {token_id}, which is outside the model's vocabulary of "
+                f"{vocabulary_size} tokens, so no rollout could end with it."
+            )
+        ids.append(int(token_id))
     unique = sorted(set(ids))
     if not unique:
         raise ValueError(
@@ -69,6 +98,15 @@ def resolve_eos_token_ids(model, tokenizer, extra: Sequence[int] | None = None) 
             "length cap; set generation_config.eos_token_id or pass eos_token_ids"
         )
     return unique
+
+
+def _vocabulary_size(model) -> int | None:
+    """Return the number of logits the model outputs, or `None` when it cannot be read."""
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(output_embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] > 0:
+        return int(weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 @contextlib.contextmanager

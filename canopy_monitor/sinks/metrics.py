@@ -32,7 +32,8 @@ def scalar_metrics(
     Each figure with a bootstrap interval is followed by `canopy/<name>_ci_low` and
     `canopy/<name>_ci_high`. Completed-only figures are `canopy/completed/<name>`.
     With `change`, the figures of `CHANGE_FIGURES` add `canopy/change/<name>` (the
-    difference from the earlier measurement) and its paired interval. Entropy-valued
+    difference from the earlier measurement) and, when `pooled` has intervals, its
+    paired interval. Entropy-valued
     figures are converted to `units`. `num_prompts` and `total_rollouts` are counts
     of the set-up, not figures, and are left out.
     """
@@ -44,8 +45,10 @@ def scalar_metrics(
     for name in CHANGE_FIGURES:
         if change is not None and name in change:
             metrics[f"change/{name}"] = change[name].delta
-            metrics[f"change/{name}_ci_low"] = change[name].ci_low
-            metrics[f"change/{name}_ci_high"] = change[name].ci_high
+            # Change intervals come from the same bootstrap as the figures' own.
+            if pooled.bootstrap_samples > 0:
+                metrics[f"change/{name}_ci_low"] = change[name].ci_low
+                metrics[f"change/{name}_ci_high"] = change[name].ci_high
     return {METRIC_PREFIX + name: float(value) for name, value in convert_flat(metrics, units).items()}
 
 

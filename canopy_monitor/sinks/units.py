@@ -76,8 +76,8 @@ def convert_nested(document, units: str, from_units: str = "nats"):
     """Convert the entropy-valued figures of a JSON-like document from `from_units` to `units`.
 
     Entropy-valued keys (see `ENTROPY_VALUED`) and `running_entropy_rate` maps are
-    scaled; an `intervals` map is scaled entry by entry according to its figure names;
-    everything else is copied unchanged.
+    scaled. An `intervals` map is scaled entry by entry, by the names of its figures.
+    Everything else is copied unchanged.
     """
     factor = unit_factor(units, from_units)
     if factor == 1.0:
