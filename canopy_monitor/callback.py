@@ -193,6 +193,7 @@ class CanopyMonitorCallback(TrainerCallback):
         self.history: list[dict] = []
         self.num_errors = 0
         self.monitor_seconds_total = 0.0
+        self._train_started: float | None = None
         self._recorded_steps: set[int] = set()
         self._reported_causes: set[str] = set()
         # Per-prompt estimates of the run's first point, in nats, for `canopy/change/...`.
@@ -201,6 +202,7 @@ class CanopyMonitorCallback(TrainerCallback):
     # Trainer events
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._train_started = time.perf_counter()
         if state.is_world_process_zero:
             self._prepare_history(state.global_step)
         # The first point is taken before the first optimiser step. A resumed run
@@ -287,9 +289,11 @@ class CanopyMonitorCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
 
+        started = time.perf_counter()
         try:
             measurement = self._measure(model)
         except Exception as error:
+            self.monitor_seconds_total += time.perf_counter() - started
             if self.strict:
                 raise
             self.num_errors += 1
@@ -301,10 +305,13 @@ class CanopyMonitorCallback(TrainerCallback):
                 type(error).__name__,
                 error,
             )
-            self._log(control, {"canopy/monitor_errors": float(self.num_errors)})
+            self._log(
+                control,
+                {"canopy/monitor_errors": float(self.num_errors), "canopy/monitor_time_share": self._time_share()},
+            )
             return
 
-        self._publish(step, control, measurement)
+        self._publish(step, control, measurement, started)
 
     def _measure(self, model) -> Measurement:
         model = model if model is not None else self.trainer.model
@@ -336,16 +343,19 @@ class CanopyMonitorCallback(TrainerCallback):
             self.trainer.log(dict(metrics))
         control.should_log = should_log
 
-    def _publish(self, step: int, control, measurement: Measurement) -> None:
+    def _publish(self, step: int, control, measurement: Measurement, started: float) -> None:
         pooled = measurement.pooled
-        self.monitor_seconds_total += measurement.seconds
         change = None
         if self._baseline is None:
             self._baseline = measurement.estimates
         else:
             change = paired_change(self._baseline, measurement.estimates, self.bootstrap)
         metrics = scalar_metrics(pooled, units=self.units, change=change)
-        metrics["canopy/monitor_seconds"] = measurement.seconds
+
+        seconds = time.perf_counter() - started
+        self.monitor_seconds_total += seconds
+        metrics["canopy/monitor_seconds"] = seconds
+        metrics["canopy/monitor_time_share"] = self._time_share()
         metrics["canopy/monitor_errors"] = float(self.num_errors)
 
         for reason, count in pooled.undefined.items():
@@ -380,7 +390,7 @@ class CanopyMonitorCallback(TrainerCallback):
             pooled.mean_length,
             pooled.rho_length_rate,
             pooled.truncation_rate,
-            measurement.seconds,
+            seconds,
         )
 
         if self.log_rollout_table:
@@ -412,6 +422,13 @@ class CanopyMonitorCallback(TrainerCallback):
                 step,
                 error,
             )
+
+    def _time_share(self) -> float:
+        """Return the share of the wall time since training began (or resumed) spent monitoring."""
+        if self._train_started is None:
+            return float("nan")
+        elapsed = time.perf_counter() - self._train_started
+        return min(1.0, self.monitor_seconds_total / elapsed) if elapsed > 0 else float("nan")
 
     def _warn_once(self, cause: str, message: str, *args) -> None:
         if cause in self._reported_causes:

@@ -26,9 +26,12 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from .estimators import check_confidence, check_running_positions, check_samples
+from .measurement import check_truncation_threshold
 
 
 class RecipeError(ValueError):
@@ -115,6 +118,11 @@ class MonitorConfig:
     batch_size: int = 32
     log_rollout_table: bool = True
     strict: bool = False
+    units: Literal["nats", "bits"] = "nats"
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    running_positions: list[int] | None = None
+    truncation_warning: float = 0.2
 
     def __post_init__(self) -> None:
         # The callback checks these too, but only once the model is loaded.
@@ -122,6 +130,14 @@ class MonitorConfig:
             raise RecipeError(f"monitor.every_n_steps must be a positive integer, got {self.every_n_steps}.")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise RecipeError(f"monitor.num_prompts must be a positive integer or null, got {self.num_prompts}.")
+        try:
+            check_samples(self.bootstrap_samples, "monitor.bootstrap_samples")
+            check_confidence(self.confidence, "monitor.confidence")
+            check_truncation_threshold(self.truncation_warning, "monitor.truncation_warning")
+            if isinstance(self.max_new_tokens, int):
+                check_running_positions(self.running_positions, self.max_new_tokens, "monitor.running_positions")
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
 
 
 # Sections given by a dataclass. `training` is checked against `trl.SFTConfig` instead.

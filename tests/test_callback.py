@@ -236,6 +236,9 @@ def test_callback_logs_intervals_length_views_and_change(tmp_path):
     assert not any(name.startswith("canopy/change/") for name in metrics)
     assert first["units"] == "nats"
     assert len(first["prompts"]) == len(HELDOUT)
+    for record in (first, second):
+        assert 0 < record["metrics"]["canopy/monitor_time_share"] <= 1
+        assert record["metrics"]["canopy/monitor_seconds"] > 0
     change = second["metrics"]["canopy/change/ce_star"]
     assert change == pytest.approx(second["metrics"]["canopy/ce_star"] - metrics["canopy/ce_star"], rel=1e-9)
     assert second["metrics"]["canopy/change/ce_star_ci_low"] <= second["metrics"]["canopy/change/ce_star_ci_high"]

@@ -343,3 +343,26 @@ def test_override_positional_raises(recipe_file):
 def test_override_value_checked_after_conversion(recipe_file):
     with pytest.raises(RecipeError, match="num_examples must be a positive integer"):
         load_recipe(recipe_file, ["--num_examples", "-3"])
+
+
+def test_override_estimation_settings():
+    recipe = load_recipe(RECIPES_DIR / "sft-smollm2-cpu.yaml", ["--monitor.units", "bits", "--running_positions", "16,32", "--bootstrap_samples", "0"])
+
+    assert recipe.monitor.units == "bits"
+    assert recipe.monitor.running_positions == [16, 32]
+    assert recipe.monitor.bootstrap_samples == 0
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["--units", "shannons"], "--units"),
+        (["--confidence", "2"], "monitor.confidence"),
+        (["--bootstrap_samples", "1"], "monitor.bootstrap_samples"),
+        (["--truncation_warning", "1.5"], "monitor.truncation_warning"),
+        (["--running_positions", "16,500"], "monitor.running_positions"),
+    ],
+)
+def test_invalid_estimation_setting_raises(override, expected):
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(RECIPES_DIR / "sft-smollm2-cpu.yaml", override)

@@ -89,6 +89,11 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
         every_n_steps=recipe.monitor.every_n_steps,
         log_rollout_table=recipe.monitor.log_rollout_table,
         strict=recipe.monitor.strict,
+        units=recipe.monitor.units,
+        bootstrap_samples=recipe.monitor.bootstrap_samples,
+        confidence=recipe.monitor.confidence,
+        running_positions=recipe.monitor.running_positions,
+        truncation_warning=recipe.monitor.truncation_warning,
         **_sampling_settings(recipe),
     )
     trainer.add_callback(monitor)
