@@ -348,3 +348,42 @@ def test_min_length_counts_each_prompt_unpadded(tokenizer):
     # "hello" is 1 token, so the end token is banned for the first 3 generated tokens.
     assert int(short_result.stats.lengths.min()) >= 4
     assert int((long_result.stats.lengths == 1).sum()) >= 10
+
+
+def test_shared_prefill_matches_repeated_prompts(tokenizer, tiny_model, monkeypatch):
+    # Running each prompt once and copying its cache must sample exactly what
+    # `generate` samples when it repeats every prompt for each rollout.
+    from canopy_monitor.sampling import sampler
+
+    config = SamplingConfig(num_rollouts=4, max_new_tokens=10, seed=5, batch_size=8)
+    shared = sample_rollouts(tiny_model, tokenizer, PROMPTS, config)
+    monkeypatch.setattr(sampler, "shared_prefill", lambda *args: None)
+    repeated = sample_rollouts(tiny_model, tokenizer, PROMPTS, config)
+
+    for with_cache, without_cache in zip(shared, repeated):
+        assert with_cache.token_ids == without_cache.token_ids
+        assert torch.allclose(with_cache.step_entropies, without_cache.step_entropies, atol=1e-5)
+        assert torch.allclose(with_cache.stats.surprisal_sums, without_cache.stats.surprisal_sums, atol=1e-4)
+
+
+def test_shared_prefill_caches_prompt_once_per_rollout(tokenizer, tiny_model):
+    from canopy_monitor.sampling.sampler import _left_pad, shared_prefill
+
+    input_ids, attention_mask = _left_pad([[5, 6, 7], [8, 9]], 0, "cpu")
+    tiny_model.eval()
+
+    with torch.no_grad():
+        repeated_ids, repeated_mask, model_kwargs = shared_prefill(tiny_model, input_ids, attention_mask, 3)
+
+    assert repeated_ids.tolist() == [[5, 6, 7]] * 3 + [[0, 8, 9]] * 3
+    assert repeated_mask.tolist() == [[1, 1, 1]] * 3 + [[0, 1, 1]] * 3
+    (cache,) = model_kwargs.values()
+    # Every prompt token but the last is cached, for 2 prompts x 3 rollouts.
+    assert cache.get_seq_length() == 2
+    assert cache.layers[0].keys.shape[0] == 6
+
+
+def test_shared_prefill_skips_single_token_prompts(tiny_model):
+    from canopy_monitor.sampling.sampler import shared_prefill
+
+    assert shared_prefill(tiny_model, torch.tensor([[5], [6]]), torch.ones(2, 1, dtype=torch.long), 4) is None

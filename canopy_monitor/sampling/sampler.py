@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import numbers
@@ -12,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ..config import SamplingConfig
 from ..estimators import RolloutStats, summarize_rollouts
@@ -237,12 +238,14 @@ class PolicyGeneration:
         num_return_sequences: int,
         after_policy: Sequence[LogitsProcessor],
         stopping_criteria: Sequence[StoppingCriteria],
+        model_kwargs: dict | None = None,
     ) -> torch.Tensor:
         """Call `generate` inside `session`, with the length cap `T` of the config.
 
         The processors of the model's generation config act first, relative to the real
         prompt, then the warpers, then `after_policy`: processors that see the final
         distribution of each step (a recorder) or replace it (a forced path).
+        `model_kwargs` go to `generate` as they are (a prefilled cache, say).
 
         Returns:
             `torch.Tensor` of shape `[B * num_return_sequences, W + K]`: the sequences.
@@ -254,7 +257,58 @@ class PolicyGeneration:
             generation_config=generation_config,
             logits_processor=LogitsProcessorList([*self.warpers, *after_policy]),
             stopping_criteria=StoppingCriteriaList(stopping_criteria),
+            **(model_kwargs or {}),
         )
+
+
+def shared_prefill(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_rollouts: int
+) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+    """Run each prompt through the model once and copy its key-value cache for every rollout.
+
+    `generate` with `num_return_sequences` copies each prompt before its first forward
+    pass, so the prompt's tokens are processed once per rollout. Here every prompt
+    token but the last is processed once. `generate` then receives the rows already
+    repeated with the copied cache, processes the last prompt token and samples from
+    there, with the same positions and the same processors as without the cache.
+
+    Args:
+        model: a causal LM (a PEFT model works).
+        input_ids, attention_mask (`torch.Tensor` of shape `[P, W]`): left-padded prompts.
+        num_rollouts (`int`): rollouts per prompt, `M`.
+
+    Returns:
+        `(input_ids [P * M, W], attention_mask [P * M, W], model_kwargs)` for
+        `PolicyGeneration.generate` with `num_return_sequences=1`, or `None` when the
+        prompts are single tokens or the model does not take a cache argument this way.
+    """
+    if input_ids.shape[1] < 2:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    # transformers 5 names the argument `cache`; 4.x named it `past_key_values`.
+    cache_argument = next((name for name in ("cache", "past_key_values") if name in parameters), None)
+    if cache_argument is None or "position_ids" not in parameters:
+        return None
+    try:
+        cache = DynamicCache(config=base.config)
+    except TypeError:
+        cache = DynamicCache()
+
+    prefix_ids = input_ids[:, :-1]  # [P, W - 1]
+    prefix_mask = attention_mask[:, :-1]  # [P, W - 1]
+    # The positions `generate` gives left-padded rows: counted from each row's first token.
+    position_ids = (prefix_mask.cumsum(dim=-1) - 1).masked_fill(prefix_mask == 0, 1)  # [P, W - 1]
+    options = {cache_argument: cache, "use_cache": True}
+    if "logits_to_keep" in parameters:
+        options["logits_to_keep"] = 1
+    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids, **options)
+    cache.batch_repeat_interleave(num_rollouts)
+    return (
+        input_ids.repeat_interleave(num_rollouts, dim=0),
+        attention_mask.repeat_interleave(num_rollouts, dim=0),
+        {cache_argument: cache},
+    )
 
 
 def _prompt_batches(encoded: Sequence[Sequence[int]], prompts_per_batch: int, equal_lengths: bool) -> list[list[int]]:
@@ -288,7 +342,8 @@ def sample_rollouts(
     Prompts are encoded (with the chat template unless `config.use_chat_template` is
     false), sorted by length so that batches need little padding, left-padded by
     hand (the tokenizer is never modified) and generated in batches of at most
-    `config.batch_size` rollouts. When a processor of the model's generation config
+    `config.batch_size` rollouts. Each prompt is run through the model once and its
+    key-value cache copied for its rollouts (`shared_prefill`). When a processor of the model's generation config
     would read the padding (`min_length`, n-gram bans, sequence biases), only prompts
     of one length share a batch. Step entropies are of the decoding policy that is
     sampled from, computed at each step: the processors of the policy fields (`policy.POLICY_FIELDS`) from the
@@ -329,14 +384,27 @@ def sample_rollouts(
         for batch in batches:
             input_ids, attention_mask = _left_pad([encoded[i] for i in batch], policy.pad_token_id, device)
             recorder = StepEntropyRecorder()
-            sequences = policy.generate(
-                model,
-                input_ids,
-                attention_mask,
-                num_return_sequences=config.num_rollouts,
-                after_policy=[recorder.logits_processor],
-                stopping_criteria=[recorder.stopping_criteria],
-            )  # [P * M, W + K]
+            prefilled = shared_prefill(model, input_ids, attention_mask, config.num_rollouts)
+            if prefilled is None:
+                sequences = policy.generate(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    num_return_sequences=config.num_rollouts,
+                    after_policy=[recorder.logits_processor],
+                    stopping_criteria=[recorder.stopping_criteria],
+                )  # [P * M, W + K]
+            else:
+                repeated_ids, repeated_mask, model_kwargs = prefilled
+                sequences = policy.generate(
+                    model,
+                    repeated_ids,
+                    repeated_mask,
+                    num_return_sequences=1,
+                    after_policy=[recorder.logits_processor],
+                    stopping_criteria=[recorder.stopping_criteria],
+                    model_kwargs=model_kwargs,
+                )  # [P * M, W + K]
             generated = sequences[:, input_ids.shape[1] :]  # [P * M, K]
             step_entropies, token_logprobs = recorder.stacked()  # [P * M, >= K]
             num_generated = generated.shape[1]
