@@ -372,7 +372,10 @@ class CanopyMonitorCallback(TrainerCallback):
             "num_prompts": pooled.num_prompts,
             "total_rollouts": pooled.total_rollouts,
             "undefined": pooled.undefined,
-            "prompts": convert_nested([e.to_dict() for e in measurement.estimates], self.units),
+            "prompts": [
+                {"prompt": rollouts.prompt.display, **convert_nested(estimates.to_dict(), self.units)}
+                for rollouts, estimates in zip(measurement.rollouts, measurement.estimates)
+            ],
         }
         self.history.append(record)
         HistoryWriter(self.history_path).append(**record)
@@ -393,8 +396,36 @@ class CanopyMonitorCallback(TrainerCallback):
             seconds,
         )
 
+        self._record_wandb_settings()
         if self.log_rollout_table:
             self._log_wandb_media(step, measurement)
+
+    def settings(self) -> dict:
+        """Return the monitor's settings, as recorded in the W&B run's config."""
+        return {
+            **self.sampling.to_dict(),
+            "every_n_steps": self.every_n_steps,
+            "num_prompts": len(self.prompts),
+            "units": self.units,
+            "bootstrap": self.bootstrap.to_dict(),
+            "running_positions": list(self.running_positions) if self.running_positions is not None else "default",
+            "truncation_warning": self.truncation_threshold,
+        }
+
+    def _record_wandb_settings(self) -> None:
+        """Put the settings under `canopy_monitor` in the active W&B run's config, once per run."""
+        if "wandb" not in (self.trainer.args.report_to or []):
+            return
+        try:
+            import wandb
+
+            if wandb.run is None or wandb.run.config.get("canopy_monitor") is not None:
+                return
+            wandb.run.config.update({"canopy_monitor": self.settings()}, allow_val_change=True)
+        except Exception as error:
+            if self.strict:
+                raise
+            self._warn_once("wandb-config", "canopy-monitor: could not record its settings in the W&B config: %s", error)
 
     def _log_wandb_media(self, step: int, measurement: Measurement) -> None:
         if "wandb" not in (self.trainer.args.report_to or []):

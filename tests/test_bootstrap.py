@@ -12,7 +12,7 @@ from canopy_monitor.estimators import (
     pool_prompts,
     resample_indices,
 )
-from canopy_monitor.estimators.pooled import BOOTSTRAP_REASON
+from canopy_monitor.estimators.pooled import BOOTSTRAP_REASON, THIN_SUPPORT_REASON
 
 
 def random_prompt(generator, shift: float = 0.0, num_rollouts: int = 8):
@@ -157,3 +157,38 @@ def test_change_interval_matches_hand_resampling():
 def test_change_needs_same_prompt_count():
     with pytest.raises(ValueError, match="same prompts"):
         paired_change(prompt_estimates(0, 3), prompt_estimates(0, 4))
+
+
+def test_figure_defined_by_one_prompt_has_nan_interval():
+    # Only the first prompt has 4 rollouts, so only it defines the pooled Pearson
+    # correlation; resampling one prompt would give an interval of zero width.
+    generator = torch.Generator().manual_seed(8)
+    estimates = [
+        estimate_prompt(random_prompt(generator, num_rollouts=6)),
+        estimate_prompt(random_prompt(generator, num_rollouts=3)),
+        estimate_prompt(random_prompt(generator, num_rollouts=3)),
+    ]
+
+    pooled = pool_prompts(estimates, BootstrapConfig(samples=200))
+
+    assert math.isfinite(pooled.rho_length_rate)
+    assert all(math.isnan(bound) for bound in pooled.intervals["rho_length_rate"])
+    low, high = pooled.intervals["rho_length_rate_kendall"]
+    assert low < high
+    assert THIN_SUPPORT_REASON in pooled.undefined
+
+
+def test_change_of_figure_defined_by_one_prompt_has_nan_interval():
+    generator = torch.Generator().manual_seed(9)
+    before = [estimate_prompt(random_prompt(generator, num_rollouts=6))] + [
+        estimate_prompt(random_prompt(generator, num_rollouts=3)) for _ in range(2)
+    ]
+    after = [estimate_prompt(random_prompt(generator, num_rollouts=6))] + [
+        estimate_prompt(random_prompt(generator, num_rollouts=3)) for _ in range(2)
+    ]
+
+    changes = paired_change(before, after, BootstrapConfig(samples=200))
+
+    assert math.isfinite(changes["rho_length_rate"].delta)
+    assert math.isnan(changes["rho_length_rate"].ci_low)
+    assert changes["ce_star"].ci_low < changes["ce_star"].ci_high

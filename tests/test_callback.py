@@ -8,6 +8,7 @@ from canopy_monitor import CanopyMonitorCallback
 from canopy_monitor.prompts import PromptError
 
 from conftest import make_model, make_tokenizer, toy_conversations
+from wandb_records import config_items as wandb_config_items
 from wandb_records import history_rows as wandb_history_rows
 
 HELDOUT = [
@@ -191,6 +192,10 @@ def test_real_offline_wandb_run(tmp_path, monkeypatch):
     assert {row["canopy/rollouts/nrows"] for row in table_rows} == {"12"}
     # The scatter is stored as a table of all 12 (length, entropy rate) points.
     assert {row["canopy/length_vs_entropy_rate_table/nrows"] for row in table_rows} == {"12"}
+    settings = json.loads(wandb_config_items(run_files[0])["canopy_monitor"])
+    assert settings["units"] == "nats"
+    assert settings["num_rollouts"] == 4
+    assert settings["bootstrap"]["samples"] == 1000
 
 
 def test_bad_inputs_raise_before_training(tmp_path):

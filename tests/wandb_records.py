@@ -71,3 +71,23 @@ def history_rows(run_file: str | Path) -> list[dict[str, str]]:
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
     return rows
+
+
+def config_items(run_file: str | Path) -> dict[str, str]:
+    """Return the run's config as `{key: value_json}`, later updates replacing earlier ones.
+
+    Config updates are recorded as `config` records and as the `config` of the `run`
+    record that opens the run.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    _wait_until_written(Path(run_file))
+    items = {}
+    for payload in _payloads(Path(run_file).read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        updates = record.config.update if kind == "config" else record.run.config.update if kind == "run" else ()
+        for item in updates:
+            items[item.key or "/".join(item.nested_key)] = item.value_json
+    return items

@@ -21,6 +21,7 @@ from canopy_monitor.models import load_model_and_tokenizer
 from canopy_monitor.prompts import load_prompts
 from canopy_monitor.recipe import Recipe, RecipeError, load_recipe
 from canopy_monitor.sinks import read_history
+from canopy_monitor.sinks.units import is_entropy_valued
 from canopy_monitor.training_data import build_training_dataset
 
 logger = logging.getLogger(__name__)
@@ -169,10 +170,12 @@ def format_summary(history_path: Path, wandb_run_dir: Path | None, wandb_offline
         return "\n".join(lines)
 
     first, last = records[0], records[-1]
+    units = last.get("units", "nats")
     for name in SUMMARY_METRICS:
         before = _format_metric(first, name)
         after = _format_metric(last, name)
-        lines.append(f"{name}: {before} at step {first.get('step')} -> {after} at step {last.get('step')}")
+        unit = f" {units}" if is_entropy_valued(name) else ""
+        lines.append(f"{name}: {before}{unit} at step {first.get('step')} -> {after}{unit} at step {last.get('step')}")
     return "\n".join(lines)
 
 

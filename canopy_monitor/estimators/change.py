@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from .bootstrap import BootstrapConfig, percentile_intervals, resample_indices
-from .pooled import NO_INTERVAL, pool_columns, prompt_columns
+from .pooled import NO_INTERVAL, figure_support, pool_columns, prompt_columns
 from .prompt import PromptEstimates
 
 
@@ -55,8 +55,9 @@ def paired_change(
 
     Returns:
         `{figure: FigureChange}` for every figure both sides define, by the flat names
-        of `PooledEstimates.figures()`, standard errors excepted. With fewer than 2 prompts or `samples = 0`
-        the intervals are NaN.
+        of `PooledEstimates.figures()`, standard errors excepted. The interval of a
+        figure that fewer than 2 prompts define on both sides is NaN, and so is every
+        interval with fewer than 2 prompts or `samples = 0`.
 
     Raises:
         `ValueError`: the two sides have different numbers of prompts.
@@ -77,6 +78,11 @@ def paired_change(
         replicates_after = pool_columns({name: column[indices] for name, column in columns_after.items()})
         deltas = {name: replicates_after[name] - replicates_before[name] for name in names}  # {name: [B]}
         intervals = percentile_intervals(deltas, bootstrap.confidence)
+        # Both sides are blanked alike, so one side's support is the pair's.
+        support = figure_support(columns_before)
+        for name in names:
+            if int(support[name]) < 2:
+                intervals[name] = (math.nan, math.nan)
 
     changes = {}
     for name in names:

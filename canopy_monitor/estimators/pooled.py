@@ -22,6 +22,11 @@ POOLED_CORRELATION_REASON = (
     "the pooled Pearson and Spearman correlations need at least 4 rollouts per prompt (Fisher weights M - 3)"
 )
 BOOTSTRAP_REASON = "bootstrap intervals need at least 2 prompts"
+COMPLETED_CORRELATION_REASON = (
+    "the pooled Pearson and Spearman correlations of completed rollouts need a prompt with at least 4 "
+    "rollouts that ended before the cap"
+)
+THIN_SUPPORT_REASON = "a bootstrap interval is NaN where fewer than 2 prompts define its figure"
 NO_COMPLETED_REASON = "no prompt has 2 rollouts that ended before the length cap, so every completed-only figure is NaN"
 COMPLETED_PREFIX = "completed/"
 # Prefix of the reasons of completed-only figures when they are reported with the others.
@@ -186,6 +191,8 @@ def pool_prompts(
             undefined[BOOTSTRAP_REASON] = len(estimates)
         else:
             intervals = bootstrap_intervals(columns, bootstrap)
+            if any(math.isnan(low) for low, _ in intervals.values()):
+                undefined[THIN_SUPPORT_REASON] = len(estimates)
 
     completed_estimates = [e.completed for e in estimates if e.completed is not None]
     completed_undefined = Counter(reason for e in completed_estimates for reason in e.undefined)
@@ -201,11 +208,16 @@ def pool_prompts(
         },
         bootstrap=bootstrap,
         undefined=completed_undefined,
+        correlation_reason=COMPLETED_CORRELATION_REASON,
     )
     for reason, count in completed.undefined.items():
-        # A cause already reported for all rollouts is not repeated for the completed ones.
-        if reason not in undefined:
-            undefined[COMPLETED_REASON_PREFIX + reason] = count
+        # A cause already reported for all rollouts is not repeated for the completed
+        # ones. Neither is a running position that completed rollouts rarely reach
+        # (they end before the cap), nor the lack of completed prompts, which each
+        # prompt's own reason already reports.
+        if reason in undefined or reason == NO_COMPLETED_REASON or reason.startswith("no rollout reached token"):
+            continue
+        undefined[COMPLETED_REASON_PREFIX + reason] = count
     return _assemble(
         {name: value for name, value in figures.items() if not name.startswith(COMPLETED_PREFIX)},
         estimates,
@@ -224,9 +236,10 @@ def _assemble(
     bootstrap: BootstrapConfig | None,
     undefined: Counter,
     completed: PooledEstimates | None = None,
+    correlation_reason: str = POOLED_CORRELATION_REASON,
 ) -> PooledEstimates:
     if estimates and all(e.num_rollouts <= 3 for e in estimates):
-        undefined[POOLED_CORRELATION_REASON] = len(estimates)
+        undefined[correlation_reason] = len(estimates)
     running_rate = {}
     running_share = {}
     for name, value in figures.items():
@@ -360,13 +373,56 @@ def bootstrap_intervals(
 
     Prompts are resampled with replacement, each keeping all its rollouts, and the
     resampled columns are pooled exactly as the point estimate is. Standard errors
-    get no interval.
+    get no interval. A figure that fewer than 2 prompts define gets `(nan, nan)`:
+    every resample would repeat the one prompt, and an interval of zero width would
+    look like certainty.
     """
     num_prompts = next(iter(columns.values())).shape[-1]
     indices = resample_indices(num_prompts, bootstrap)  # [B, P]
     replicates = pool_columns({name: column[indices] for name, column in columns.items()})  # {name: [B]}
-    return {
-        name: bounds
-        for name, bounds in percentile_intervals(replicates, bootstrap.confidence).items()
-        if name not in NO_INTERVAL
-    }
+    support = figure_support(columns)
+    intervals = {}
+    for name, bounds in percentile_intervals(replicates, bootstrap.confidence).items():
+        if name in NO_INTERVAL:
+            continue
+        intervals[name] = bounds if int(support[name]) >= 2 else (math.nan, math.nan)
+    return intervals
+
+
+def figure_support(columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Count the prompts that contribute to each pooled figure of `pool_columns`.
+
+    Returns:
+        `{figure: [...]}` (int64), with the names and leading shape of `pool_columns`.
+    """
+    support = _group_support({name: c for name, c in columns.items() if not name.startswith(COMPLETED_PREFIX)})
+    completed = {name[len(COMPLETED_PREFIX) :]: c for name, c in columns.items() if name.startswith(COMPLETED_PREFIX)}
+    if completed:
+        support.update({COMPLETED_PREFIX + name: count for name, count in _group_support(completed).items()})
+    return support
+
+
+def _group_support(columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Mirrors `_pool_group`: a prompt counts where it carries weight in the figure.
+    sizes = columns["n"]
+    defined = (sizes > 0) & torch.isfinite(columns["ce_star"])
+
+    def finite(name: str, weighted: torch.Tensor | None = None) -> torch.Tensor:
+        usable = torch.isfinite(columns[name])
+        if weighted is not None:
+            usable &= weighted
+        return usable.sum(dim=-1)
+
+    support = {name: finite(name) for name in _MEAN_FIGURES}
+    for name in ("ce_star_se", "ce_star_mc_se", "mc_variance_ratio"):
+        support[name] = defined.sum(dim=-1)
+    support["branching_factor"] = support["entropy_rate"]
+    support["generation_perplexity"] = support["ce_star"]
+    support["rho_length_rate"] = finite("rho_pearson", sizes > 3)
+    support["rho_length_rate_spearman"] = finite("rho_spearman", sizes > 3)
+    support["rho_length_rate_kendall"] = finite("rho_kendall", sizes > 1)
+    support["length_rate_covariance"] = finite("length_rate_covariance", sizes > 1)
+    for name in columns:
+        if name.startswith((_RUNNING_RATE, _RUNNING_SHARE)):
+            support[name] = finite(name)
+    return support

@@ -182,7 +182,9 @@ def test_every_rollout_truncated_keeps_nan_completed():
     assert pooled.completed.num_prompts == 0
     assert pooled.truncation_rate == 1.0
     assert pooled.undefined[COMPLETED_REASON] == 3
-    assert pooled.undefined[COMPLETED_REASON_PREFIX + NO_COMPLETED_REASON] == 3
+    assert pooled.completed.undefined[NO_COMPLETED_REASON] == 3
+    # Each prompt's own reason already says it; the pooled one is not repeated.
+    assert COMPLETED_REASON_PREFIX + NO_COMPLETED_REASON not in pooled.undefined
     completed_names = {name for name in pooled.figures() if name.startswith("completed/")}
     assert completed_names == {name for name in defined.figures() if name.startswith("completed/")}
     assert all(math.isnan(pooled.figures()[name]) for name in completed_names)
