@@ -325,7 +325,7 @@ class CanopyMonitorCallback(TrainerCallback):
             self.prompts,
             self.sampling,
             eos_token_ids=self.eos_token_ids,
-            bootstrap=self.bootstrap if self.bootstrap.samples > 0 else None,
+            bootstrap=self.bootstrap,
             running_positions=self.running_positions,
             show_progress=show_progress,
         )

@@ -13,6 +13,7 @@ from .estimators import (
     BootstrapConfig,
     PooledEstimates,
     PromptEstimates,
+    check_running_positions,
     default_running_positions,
     estimate_prompt,
     pool_prompts,
@@ -68,9 +69,9 @@ def measure(
             entropy rate; by default 16, 32, 64, ... up to the length cap.
     """
     start = time.perf_counter()
-    positions = tuple(running_positions) if running_positions is not None else default_running_positions(
-        config.max_new_tokens
-    )
+    positions = check_running_positions(running_positions, config.max_new_tokens)
+    if positions is None:
+        positions = default_running_positions(config.max_new_tokens)
     rollouts = sample_rollouts(
         model, tokenizer, prompts, config, eos_token_ids=eos_token_ids, show_progress=show_progress
     )

@@ -178,7 +178,7 @@ def test_figure_defined_by_one_prompt_has_nan_interval():
     assert THIN_SUPPORT_REASON in pooled.undefined
 
 
-def test_change_of_figure_defined_by_one_prompt_has_nan_interval():
+def test_change_with_one_defining_prompt_nan():
     generator = torch.Generator().manual_seed(9)
     before = [estimate_prompt(random_prompt(generator, num_rollouts=6))] + [
         estimate_prompt(random_prompt(generator, num_rollouts=3)) for _ in range(2)

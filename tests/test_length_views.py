@@ -153,7 +153,7 @@ def test_pooled_length_views_are_means_over_prompts():
     assert "completed/truncation_rate" not in pooled.figures()
 
 
-def test_pooled_running_rate_reason_when_no_rollout_reaches_position():
+def test_unreached_position_has_reason():
     estimates = estimate_prompt(make_stats([2, 3, 3], [2.0, 3.0, 3.0]), torch.ones(3, 3), running_positions=[16])
 
     pooled = pool_prompts([estimates, estimates])

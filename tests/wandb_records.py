@@ -87,7 +87,12 @@ def config_items(run_file: str | Path) -> dict[str, str]:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
-        updates = record.config.update if kind == "config" else record.run.config.update if kind == "run" else ()
+        if kind == "config":
+            updates = record.config.update
+        elif kind == "run":
+            updates = record.run.config.update
+        else:
+            continue
         for item in updates:
             items[item.key or "/".join(item.nested_key)] = item.value_json
     return items

@@ -359,9 +359,7 @@ def _pool_group(columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     figures["length_rate_covariance"] = _weighted_mean(columns["length_rate_covariance"], sizes - 1)
 
     for name, column in columns.items():
-        if name.startswith(_RUNNING_RATE):
-            figures[name] = _nan_mean(column)
-        elif name.startswith(_RUNNING_SHARE):
+        if name.startswith((_RUNNING_RATE, _RUNNING_SHARE)):
             figures[name] = _nan_mean(column)
     return figures
 

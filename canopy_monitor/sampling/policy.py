@@ -3,8 +3,8 @@
 The policy is the monitor's own temperature, top-k and top-p (`SamplingConfig`),
 after the distribution-shaping processors of the model's generation config
 (penalties, banned and forced tokens, length constraints). Every other field of the
-model's generation config is set aside while the monitor samples; those that would
-change the distribution are logged once per process.
+model's generation config is set aside while the monitor samples. Each one that
+would change the distribution is logged once per process.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def test_every_rollout_truncated_keeps_nan_completed():
     assert pooled.truncation_rate == 1.0
     assert pooled.undefined[COMPLETED_REASON] == 3
     assert pooled.completed.undefined[NO_COMPLETED_REASON] == 3
-    # Each prompt's own reason already says it; the pooled one is not repeated.
+    # Each prompt's own reason already reports it, so the pooled one is not repeated.
     assert COMPLETED_REASON_PREFIX + NO_COMPLETED_REASON not in pooled.undefined
     completed_names = {name for name in pooled.figures() if name.startswith("completed/")}
     assert completed_names == {name for name in defined.figures() if name.startswith("completed/")}
