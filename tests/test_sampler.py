@@ -356,6 +356,7 @@ def test_shared_prefill_matches_repeated_prompts(tokenizer, tiny_model, monkeypa
     from canopy_monitor.sampling import sampler
 
     config = SamplingConfig(num_rollouts=4, max_new_tokens=10, seed=5, batch_size=8)
+    monkeypatch.setattr(sampler, "decode_prompts", lambda *args, **kwargs: None)  # sample with `generate`
     shared = sample_rollouts(tiny_model, tokenizer, PROMPTS, config)
     monkeypatch.setattr(sampler, "shared_prefill", lambda *args: None)
     repeated = sample_rollouts(tiny_model, tokenizer, PROMPTS, config)

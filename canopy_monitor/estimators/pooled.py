@@ -334,6 +334,16 @@ def _fisher_mean(coefficients: torch.Tensor, sizes: torch.Tensor) -> torch.Tenso
     return torch.tanh(_weighted_mean(torch.atanh(clipped), sizes - 3))
 
 
+def mean_over_prompts(values: torch.Tensor) -> torch.Tensor:
+    """Average a column `[..., P]` over its finite values, as the linear figures are pooled."""
+    return _nan_mean(values)
+
+
+def fisher_mean_over_prompts(coefficients: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Pool correlation columns `[..., P]` through Fisher's z with weights `n_p - 3`, as `rho_length_rate` is."""
+    return _fisher_mean(coefficients, sizes)
+
+
 def _pool_group(columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sizes = columns["n"]  # [..., P]
     # A paired comparison blanks a prompt's figures where the other side lacks them.

@@ -89,11 +89,12 @@ POLICY_FIELDS = (
 )
 
 # Policy fields whose processors read the left padding of a batch as part of the
-# prompt. `min_length` counts the padding, and the n-gram, sequence-bias and encoder
-# processors see the padding ids. With any of them set, only prompts of the same
-# encoded length share a batch, so that each prompt is sampled as if it were alone.
+# prompt. `min_length` and the forced first token count the padding, and the n-gram,
+# sequence-bias and encoder processors see the padding ids. With any of them set, only
+# prompts of the same encoded length share a batch, so each is sampled as if alone.
 _PADDING_SENSITIVE_FIELDS = (
     "min_length",
+    "forced_bos_token_id",
     "no_repeat_ngram_size",
     "encoder_repetition_penalty",
     "encoder_no_repeat_ngram_size",

@@ -6,6 +6,18 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 
+def policy_entropy(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the entropy `[B]` and the log-probabilities `[B, V]` of `softmax(scores)`, in float32.
+
+    Tokens removed by a filter have probability 0 and log-probability -inf; they
+    contribute 0 to the entropy, not 0 * -inf = NaN.
+    """
+    logprobs = torch.log_softmax(scores.to(torch.float32), dim=-1)  # [B, V]
+    probs = logprobs.exp()
+    entropy = -torch.where(probs > 0, probs * logprobs, 0.0).sum(dim=-1)  # [B]
+    return entropy, logprobs
+
+
 class StepEntropyRecorder:
     """Record `h_t` and `log pi(y_t | x, y_<t)` for every row at every decoding step.
 
@@ -33,11 +45,7 @@ class StepEntropyRecorder:
         self._current_logprobs: torch.Tensor | None = None  # [B, V]
 
     def observe_scores(self, scores: torch.Tensor) -> None:
-        logprobs = torch.log_softmax(scores.to(torch.float32), dim=-1)  # [B, V]
-        probs = logprobs.exp()
-        # Tokens removed by a filter have probability 0 and log-probability -inf;
-        # they contribute 0 to the entropy, not 0 * -inf = NaN.
-        entropy = -torch.where(probs > 0, probs * logprobs, 0.0).sum(dim=-1)  # [B]
+        entropy, logprobs = policy_entropy(scores)
         self._step_entropies.append(entropy)
         self._current_logprobs = logprobs
 

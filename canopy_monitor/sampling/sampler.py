@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -18,6 +19,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, Sto
 from ..config import SamplingConfig
 from ..estimators import RolloutStats, summarize_rollouts
 from ..prompts import Prompt, encode_prompts, model_context_length
+from .decoder import decode_prompts
+from .memory import batch_rows
 from .policy import (
     build_warpers,
     padding_changes_policy,
@@ -327,6 +330,88 @@ def _prompt_batches(encoded: Sequence[Sequence[int]], prompts_per_batch: int, eq
     return batches
 
 
+def _sample_with_generate(
+    model, policy: PolicyGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample a batch with `generate`, each prompt prefilled once where the model allows.
+
+    Returns:
+        `(generated [B, K], step_entropies [B, K], token_logprobs [B, K])`.
+    """
+    num_rollouts = policy.config.num_rollouts
+    recorder = StepEntropyRecorder()
+    prefilled = shared_prefill(model, input_ids, attention_mask, num_rollouts)
+    if prefilled is None:
+        sequences = policy.generate(
+            model,
+            input_ids,
+            attention_mask,
+            num_return_sequences=num_rollouts,
+            after_policy=[recorder.logits_processor],
+            stopping_criteria=[recorder.stopping_criteria],
+        )  # [P * M, W + K]
+    else:
+        repeated_ids, repeated_mask, model_kwargs = prefilled
+        sequences = policy.generate(
+            model,
+            repeated_ids,
+            repeated_mask,
+            num_return_sequences=1,
+            after_policy=[recorder.logits_processor],
+            stopping_criteria=[recorder.stopping_criteria],
+            model_kwargs=model_kwargs,
+        )  # [P * M, W + K]
+    generated = sequences[:, input_ids.shape[1] :]  # [P * M, K]
+    step_entropies, token_logprobs = recorder.stacked()  # [P * M, >= K]
+    num_generated = generated.shape[1]
+    return generated, step_entropies[:, :num_generated], token_logprobs[:, :num_generated]
+
+
+def _rows_from_memory(model, encoded: Sequence[Sequence[int]], config: SamplingConfig) -> int:
+    return batch_rows(
+        model,
+        num_rollouts=config.num_rollouts,
+        prompt_width=max(len(ids) for ids in encoded),
+        max_new_tokens=config.max_new_tokens,
+        device=_model_device(model),
+    )
+
+
+def resolve_batch_size(model, tokenizer, prompts: Sequence[Prompt], config: SamplingConfig) -> SamplingConfig:
+    """Return `config` with `batch_size` chosen from the free memory now, if it is `None`.
+
+    The rollouts drawn for a seed depend on the batch size, so a run that samples the
+    same prompts several times fixes it once, and its points differ only in the weights.
+    """
+    if config.batch_size is not None:
+        return config
+    encoded = PolicyGeneration.build(model, tokenizer, config).encode(model, tokenizer, prompts)
+    return dataclasses.replace(config, batch_size=_rows_from_memory(model, encoded, config))
+
+
+def _prompt_rollouts(
+    prompt: Prompt,
+    generated: torch.Tensor,
+    step_entropies: torch.Tensor,
+    token_logprobs: torch.Tensor,
+    policy: PolicyGeneration,
+    tokenizer,
+) -> PromptRollouts:
+    """Collect one prompt's rollouts from its generated tokens `[M, K]` and step figures `[M, K]`."""
+    lengths, truncated = rollout_lengths(generated, policy.eos_token_ids, policy.config.max_new_tokens)
+    stats = summarize_rollouts(step_entropies, token_logprobs, lengths, truncated)
+    positions = torch.arange(generated.shape[1], device=lengths.device)
+    active = positions[None, :] < lengths[:, None]  # [M, K]
+    token_ids = [generated[row, : int(lengths[row])].tolist() for row in range(generated.shape[0])]
+    return PromptRollouts(
+        prompt=prompt,
+        texts=[tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids],
+        token_ids=token_ids,
+        stats=stats,
+        step_entropies=torch.where(active, step_entropies, 0.0).float().cpu(),
+    )
+
+
 @torch.no_grad()
 def sample_rollouts(
     model,
@@ -341,14 +426,18 @@ def sample_rollouts(
 
     Prompts are encoded (with the chat template unless `config.use_chat_template` is
     false), sorted by length so that batches need little padding, left-padded by
-    hand (the tokenizer is never modified) and generated in batches of at most
-    `config.batch_size` rollouts. Each prompt is run through the model once and its
-    key-value cache copied for its rollouts (`shared_prefill`). When a processor of the model's generation config
-    would read the padding (`min_length`, n-gram bans, sequence biases), only prompts
-    of one length share a batch. Step entropies are of the decoding policy that is
-    sampled from, computed at each step: the processors of the policy fields (`policy.POLICY_FIELDS`) from the
-    model's generation config, then temperature, top-k and top-p. The model's
-    training mode and every global random state are as before when this returns.
+    hand (the tokenizer is never modified) and sampled in batches of at most
+    `config.batch_size` rollouts (by default as many as fit in a share of the free
+    memory, `memory.batch_rows`). Each prompt is run through the model once and its
+    key-value cache copied for its rollouts. `decoder.decode_prompts` samples and drops
+    each rollout from the batch when it ends; where a processor could not follow rows
+    leaving, `generate` samples instead. When a processor of the model's generation
+    config would read the padding (`min_length`, n-gram bans, sequence biases), only
+    prompts of one length share a batch. Step entropies are of the decoding policy
+    that is sampled from, computed at each step: the processors of the policy fields
+    (`policy.POLICY_FIELDS`) from the model's generation config, then temperature,
+    top-k and top-p. The model's training mode and every global random state are as
+    before when this returns.
 
     Args:
         model: a causal LM with `generate` (a PEFT model works).
@@ -366,9 +455,9 @@ def sample_rollouts(
     policy = PolicyGeneration.build(model, tokenizer, config, eos_token_ids)
     eos_ids = policy.eos_token_ids
     encoded = policy.encode(model, tokenizer, prompts)
-    prompts_per_batch = max(1, config.batch_size // config.num_rollouts)
-    batches = _prompt_batches(encoded, prompts_per_batch, equal_lengths=padding_changes_policy(model))
     device = _model_device(model)
+    rows = config.batch_size if config.batch_size is not None else _rows_from_memory(model, encoded, config)
+    batches = _prompt_batches(encoded, max(1, rows // config.num_rollouts), equal_lengths=padding_changes_policy(model))
     results: dict[int, PromptRollouts] = {}
 
     progress = None
@@ -381,51 +470,29 @@ def sample_rollouts(
         if progress is not None:
             stack.callback(progress.close)
         stack.enter_context(policy.session(model))
-        for batch in batches:
-            input_ids, attention_mask = _left_pad([encoded[i] for i in batch], policy.pad_token_id, device)
-            recorder = StepEntropyRecorder()
-            prefilled = shared_prefill(model, input_ids, attention_mask, config.num_rollouts)
-            if prefilled is None:
-                sequences = policy.generate(
-                    model,
-                    input_ids,
-                    attention_mask,
-                    num_return_sequences=config.num_rollouts,
-                    after_policy=[recorder.logits_processor],
-                    stopping_criteria=[recorder.stopping_criteria],
-                )  # [P * M, W + K]
-            else:
-                repeated_ids, repeated_mask, model_kwargs = prefilled
-                sequences = policy.generate(
-                    model,
-                    repeated_ids,
-                    repeated_mask,
-                    num_return_sequences=1,
-                    after_policy=[recorder.logits_processor],
-                    stopping_criteria=[recorder.stopping_criteria],
-                    model_kwargs=model_kwargs,
-                )  # [P * M, W + K]
-            generated = sequences[:, input_ids.shape[1] :]  # [P * M, K]
-            step_entropies, token_logprobs = recorder.stacked()  # [P * M, >= K]
-            num_generated = generated.shape[1]
-            step_entropies = step_entropies[:, :num_generated]
-            token_logprobs = token_logprobs[:, :num_generated]
-            lengths, truncated = rollout_lengths(generated, eos_ids, config.max_new_tokens)
-
-            for slot, prompt_index in enumerate(batch):
-                rows = slice(slot * config.num_rollouts, (slot + 1) * config.num_rollouts)
-                stats = summarize_rollouts(step_entropies[rows], token_logprobs[rows], lengths[rows], truncated[rows])
-                positions = torch.arange(num_generated, device=lengths.device)
-                active = positions[None, :] < lengths[rows, None]  # [M, K]
-                token_ids = [generated[row, : int(lengths[row])].tolist() for row in range(rows.start, rows.stop)]
-                results[prompt_index] = PromptRollouts(
-                    prompt=prompts[prompt_index],
-                    texts=[tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids],
-                    token_ids=token_ids,
-                    stats=stats,
-                    step_entropies=torch.where(active, step_entropies[rows], 0.0).float().cpu(),
+        on_prompt_done = (lambda index: progress.update(1)) if progress is not None else None
+        order = [index for batch in batches for index in batch]
+        run = decode_prompts(model, policy, encoded, order, rows=rows, on_prompt_done=on_prompt_done)
+        if run is not None:
+            for index, decoded in run.rollouts.items():
+                results[index] = _prompt_rollouts(
+                    prompts[index], decoded.generated, decoded.step_entropies, decoded.token_logprobs, policy, tokenizer
                 )
-            if progress is not None:
-                progress.update(len(batch))
+        else:
+            for batch in batches:
+                input_ids, attention_mask = _left_pad([encoded[i] for i in batch], policy.pad_token_id, device)
+                generated, step_entropies, token_logprobs = _sample_with_generate(model, policy, input_ids, attention_mask)
+                for slot, prompt_index in enumerate(batch):
+                    rows_of_prompt = slice(slot * config.num_rollouts, (slot + 1) * config.num_rollouts)
+                    results[prompt_index] = _prompt_rollouts(
+                        prompts[prompt_index],
+                        generated[rows_of_prompt],
+                        step_entropies[rows_of_prompt],
+                        token_logprobs[rows_of_prompt],
+                        policy,
+                        tokenizer,
+                    )
+                if progress is not None:
+                    progress.update(len(batch))
 
     return [results[i] for i in range(len(prompts))]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
-from ..estimators import FigureChange, PooledEstimates
+from ..estimators import FigureChange, PooledEstimates, PooledSemantic
 from .units import convert_flat
 
 METRIC_PREFIX = "canopy/"
+SEMANTIC_PREFIX = "semantic/"
 
 # Figures whose change since the first monitoring point is logged as `canopy/change/<name>`.
 CHANGE_FIGURES = (
@@ -26,6 +27,7 @@ def scalar_metrics(
     *,
     units: str = "nats",
     change: dict[str, FigureChange] | None = None,
+    semantic: PooledSemantic | None = None,
 ) -> dict[str, float]:
     """Return the pooled figures as `canopy/<name>` scalars, e.g. `canopy/ce_star`.
 
@@ -33,15 +35,23 @@ def scalar_metrics(
     `canopy/<name>_ci_high`. Completed-only figures are `canopy/completed/<name>`.
     With `change`, the figures of `CHANGE_FIGURES` add `canopy/change/<name>` (the
     difference from the earlier measurement) and, when `pooled` has intervals, its
-    paired interval. Entropy-valued
-    figures are converted to `units`. `num_prompts` and `total_rollouts` are counts
-    of the set-up, not figures, and are left out.
+    paired interval. With `semantic`, its figures and intervals are added as
+    `canopy/semantic/<name>`. Entropy-valued figures are converted to `units`, and
+    figures per nat inversely. `num_prompts` and `total_rollouts` are counts of the
+    set-up, not figures, and are left out.
     """
     metrics: dict[str, float] = {}
     for name, value in pooled.figures().items():
         metrics[name] = value
         if name in pooled.intervals:
             metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = pooled.intervals[name]
+    if semantic is not None:
+        for name, value in semantic.figures().items():
+            metrics[SEMANTIC_PREFIX + name] = value
+            if name in semantic.intervals:
+                low, high = semantic.intervals[name]
+                metrics[f"{SEMANTIC_PREFIX}{name}_ci_low"] = low
+                metrics[f"{SEMANTIC_PREFIX}{name}_ci_high"] = high
     for name in CHANGE_FIGURES:
         if change is not None and name in change:
             metrics[f"change/{name}"] = change[name].delta

@@ -2,8 +2,9 @@
 
 Every estimator works in nats. Conversion happens only when figures leave the
 program (logged scalars, history, JSON), by dividing entropy-valued figures by
-`ln 2`. Lengths, shares, correlations, the variance ratio, the branching factor and
-the generation perplexity have no entropy unit and are never converted.
+`ln 2` (and multiplying figures per nat by it). Lengths, shares, correlations, the
+variance ratio, the branching factor, the generation perplexity and semantic
+diversity have no entropy unit and are never converted.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ ENTROPY_VALUED = frozenset(
         "surprisal_sum",
     }
 )
+# Figures measured per nat: the slope of semantic diversity on the entropy rate. They
+# are multiplied by `ln 2` where entropies are divided by it.
+PER_ENTROPY = frozenset({"diversity_rate_slope"})
 _RUNNING_RATE = "running_entropy_rate"
-_PREFIXES = ("canopy/", "completed/", "change/")
+_PREFIXES = ("canopy/", "completed/", "change/", "semantic/")
 _SUFFIXES = ("_ci_low", "_ci_high")
 
 
@@ -49,8 +53,7 @@ def unit_factor(units: str, from_units: str = "nats") -> float:
     return per_nat[check_units(units)] / per_nat[check_units(from_units)]
 
 
-def is_entropy_valued(name: str) -> bool:
-    """Tell whether a flat figure name, such as `canopy/completed/ce_star_ci_low`, is in nats."""
+def _base_name(name: str) -> str:
     changed = True
     while changed:
         changed = False
@@ -61,7 +64,26 @@ def is_entropy_valued(name: str) -> bool:
     for suffix in _SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
+    return name
+
+
+def is_entropy_valued(name: str) -> bool:
+    """Tell whether a flat figure name, such as `canopy/completed/ce_star_ci_low`, is in nats."""
+    name = _base_name(name)
     return name in ENTROPY_VALUED or name.startswith(_RUNNING_RATE)
+
+
+def is_per_entropy(name: str) -> bool:
+    """Tell whether a flat figure name, such as `canopy/semantic/diversity_rate_slope`, is per nat."""
+    return _base_name(name) in PER_ENTROPY
+
+
+def _name_factor(name: str, factor: float) -> float:
+    if is_entropy_valued(name):
+        return factor
+    if is_per_entropy(name):
+        return 1.0 / factor
+    return 1.0
 
 
 def convert_flat(values: dict[str, float], units: str, from_units: str = "nats") -> dict[str, float]:
@@ -69,15 +91,16 @@ def convert_flat(values: dict[str, float], units: str, from_units: str = "nats")
     factor = unit_factor(units, from_units)
     if factor == 1.0:
         return dict(values)
-    return {name: value * factor if is_entropy_valued(name) else value for name, value in values.items()}
+    return {name: value * _name_factor(name, factor) for name, value in values.items()}
 
 
 def convert_nested(document, units: str, from_units: str = "nats"):
     """Convert the entropy-valued figures of a JSON-like document from `from_units` to `units`.
 
     Entropy-valued keys (see `ENTROPY_VALUED`) and `running_entropy_rate` maps are
-    scaled. An `intervals` map is scaled entry by entry, by the names of its figures.
-    Everything else is copied unchanged.
+    scaled, and per-nat keys (see `PER_ENTROPY`) scaled inversely. An `intervals` map
+    is scaled entry by entry, by the names of its figures. Everything else is copied
+    unchanged.
     """
     factor = unit_factor(units, from_units)
     if factor == 1.0:
@@ -106,11 +129,10 @@ def _scale(document, factor: float):
     for key, value in document.items():
         if key in ENTROPY_VALUED or key == _RUNNING_RATE:
             converted[key] = _scale_value(value, factor)
+        elif key in PER_ENTROPY:
+            converted[key] = _scale_value(value, 1.0 / factor)
         elif key == "intervals" and isinstance(value, dict):
-            converted[key] = {
-                name: _scale_value(bounds, factor) if is_entropy_valued(name) else bounds
-                for name, bounds in value.items()
-            }
+            converted[key] = {name: _scale_value(bounds, _name_factor(name, factor)) for name, bounds in value.items()}
         else:
             converted[key] = _scale(value, factor)
     return converted

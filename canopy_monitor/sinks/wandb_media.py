@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..measurement import Measurement
 from .units import unit_factor
 
@@ -16,6 +18,7 @@ ROLLOUT_COLUMNS = [
     "entropy_rate",
     "surprisal_sum",
     "truncated",
+    "diversity",
 ]
 
 
@@ -23,12 +26,21 @@ def rollout_rows(
     measurement: Measurement, step: int, max_rollouts_per_prompt: int, units: str = "nats"
 ) -> list[list]:
     """Return one table row per rollout, at most `max_rollouts_per_prompt` per prompt,
-    with entropies in `units`."""
+    with entropies in `units`.
+
+    The `diversity` column contains each rollout's semantic diversity `d_i`, NaN when the
+    measurement has no semantic figures or the rollout has none.
+    """
     factor = unit_factor(units)
+    semantic = measurement.semantic
     rows = []
     for prompt_index, prompt_rollouts in enumerate(measurement.rollouts):
         stats = prompt_rollouts.stats
         rates = stats.entropy_rates
+        if semantic is not None:
+            diversity = semantic.prompts[prompt_index].rollout_diversity
+        else:
+            diversity = (math.nan,) * stats.num_rollouts
         for rollout_index in range(min(stats.num_rollouts, max_rollouts_per_prompt)):
             rows.append(
                 [
@@ -42,6 +54,7 @@ def rollout_rows(
                     float(rates[rollout_index]) * factor,
                     float(stats.surprisal_sums[rollout_index]) * factor,
                     bool(stats.truncated[rollout_index]),
+                    float(diversity[rollout_index]),
                 ]
             )
     return rows

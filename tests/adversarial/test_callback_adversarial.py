@@ -399,29 +399,35 @@ def test_reused_output_dir_fresh_run_starts_new_history(tmp_path):
 # Failure isolation
 
 
-class FlakyGenerate:
-    """Replace `model.generate` so that calls number `failing` (1-based) raise."""
+class FlakyPrefill:
+    """Make the sampler's prompt prefill raise on the calls numbered in `failing` (1-based).
 
-    def __init__(self, model, failing):
-        self.original = model.generate
+    With as many rows per batch as rollouts per prompt, each prompt is prefilled in a
+    call of its own, so call `n` is the `n`-th prompt sampled.
+    """
+
+    def __init__(self, monkeypatch, failing):
+        from canopy_monitor.sampling import decoder
+
+        self.original = decoder._prefill
         self.failing = set(failing)
         self.calls = 0
-        model.generate = self
+        monkeypatch.setattr(decoder, "_prefill", self)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
         if self.calls in self.failing:
-            raise RuntimeError(f"simulated failure in generate call {self.calls}")
+            raise RuntimeError(f"simulated failure in prefill call {self.calls}")
         return self.original(*args, **kwargs)
 
 
-def test_generate_failures_are_isolated(tmp_path, caplog):
-    # 3 prompts, batch_size 3 with 3 rollouts: one generate call per prompt, 3 per point.
+def test_sampling_failures_are_isolated(tmp_path, caplog, monkeypatch):
+    # 3 prompts, batch_size 3 with 3 rollouts: one prefill call per prompt, 3 per point.
     trainer = sft_trainer(tmp_path, max_steps=4)
     callback = monitor(trainer, every_n_steps=1, batch_size=3)
     # Points: step 0 -> calls 1-3, step 1 -> calls 4-5 (the 5th fails mid-point),
     # step 2 -> calls 6-7 (the 7th fails), step 3 -> calls 8-10, step 4 -> calls 11-13.
-    flaky = FlakyGenerate(trainer.model, failing={5, 7})
+    flaky = FlakyPrefill(monkeypatch, failing={5, 7})
 
     with caplog.at_level(logging.WARNING, logger="canopy_monitor"):
         trainer.train()
@@ -431,7 +437,7 @@ def test_generate_failures_are_isolated(tmp_path, caplog):
     assert callback.num_errors == 2
     warnings = [record for record in caplog.records if "failed and was skipped" in record.getMessage()]
     assert len(warnings) == 1
-    assert "generate call 5" in warnings[0].getMessage()
+    assert "prefill call 5" in warnings[0].getMessage()
     assert trainer.model.training
     error_logs = [entry for entry in trainer.state.log_history if "canopy/monitor_errors" in entry]
     assert [entry["canopy/monitor_errors"] for entry in error_logs if "canopy/ce_star" not in entry] == [1.0, 2.0]
@@ -439,11 +445,11 @@ def test_generate_failures_are_isolated(tmp_path, caplog):
     assert flaky.calls == 13
 
 
-def test_generate_failure_mid_point_restores_global_state(tmp_path):
+def test_sampling_failure_mid_point_restores_global_state(tmp_path, monkeypatch):
     model = make_model()
     model.train()
     tokenizer = make_tokenizer()
-    FlakyGenerate(model, failing={2})
+    FlakyPrefill(monkeypatch, failing={2})
     random.seed(5)
     np.random.seed(5)
     torch.manual_seed(5)
@@ -452,7 +458,7 @@ def test_generate_failure_mid_point_restores_global_state(tmp_path):
     torch_state = torch.get_rng_state()
     padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
 
-    with pytest.raises(RuntimeError, match="generate call 2"):
+    with pytest.raises(RuntimeError, match="prefill call 2"):
         sample_rollouts(model, tokenizer, load_prompts(HELDOUT), SamplingConfig(num_rollouts=2, max_new_tokens=4, batch_size=2))
 
     assert model.training
@@ -462,25 +468,25 @@ def test_generate_failure_mid_point_restores_global_state(tmp_path):
     assert (tokenizer.padding_side, tokenizer.pad_token) == (padding_side, pad_token)
 
 
-def test_strict_reraises_generate_failure(tmp_path):
+def test_strict_reraises_sampling_failure(tmp_path, monkeypatch):
     trainer = sft_trainer(tmp_path, max_steps=3)
     monitor(trainer, every_n_steps=1, strict=True, batch_size=3)
-    FlakyGenerate(trainer.model, failing={4})
+    FlakyPrefill(monkeypatch, failing={4})
 
-    with pytest.raises(RuntimeError, match="generate call 4"):
+    with pytest.raises(RuntimeError, match="prefill call 4"):
         trainer.train()
 
     assert history_steps(tmp_path) == [0]
     assert trainer.model.training
 
 
-def test_losses_unchanged_when_generate_fails(tmp_path):
+def test_losses_unchanged_when_sampling_fails(tmp_path, monkeypatch):
     plain = sft_trainer(tmp_path / "plain", max_steps=4)
     plain.train()
 
     monitored = sft_trainer(tmp_path / "monitored", max_steps=4)
     monitor(monitored, every_n_steps=1, batch_size=3)
-    FlakyGenerate(monitored.model, failing={2, 8})
+    FlakyPrefill(monkeypatch, failing={2, 8})
     monitored.train()
 
     def losses(trainer):

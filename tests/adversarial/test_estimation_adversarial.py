@@ -569,21 +569,22 @@ def warning_messages(caplog) -> str:
 
 
 def test_evaluate_logs_reasons_of_completed_figures(ending_model_dir, prompts_path, tmp_path, caplog):
-    # With a cap of 20, completed rollouts rarely end exactly at token 20, so the
-    # completed-only running rate at 20 is NaN while the one over all rollouts is not.
+    # With a cap of 14, a few rollouts reach the cap, and with this seed none ends
+    # exactly at token 14, so the completed-only running rate at 14 is NaN while the
+    # one over all rollouts is not.
     output = tmp_path / "reasons.json"
 
     with caplog.at_level(logging.WARNING):
         code = run_evaluate(
-            ending_model_dir, prompts_path, output, "--rollouts", "8", "--max-new-tokens", "20",
-            "--running-positions", "20", "--bootstrap-samples", "20",
+            ending_model_dir, prompts_path, output, "--rollouts", "8", "--max-new-tokens", "14",
+            "--running-positions", "14", "--bootstrap-samples", "20", "--seed", "0",
         )
 
     assert code == 0
     pooled = json.loads(output.read_text())["pooled"]
     completed_reasons = pooled["completed"]["undefined"]
-    assert pooled["running_entropy_rate"]["20"] is not None
-    assert pooled["completed"]["running_entropy_rate"]["20"] is None
+    assert pooled["running_entropy_rate"]["14"] is not None
+    assert pooled["completed"]["running_entropy_rate"]["14"] is None
     assert completed_reasons
     logged = warning_messages(caplog)
     for reason in completed_reasons:
@@ -777,9 +778,11 @@ def test_callback_without_bootstrap_logs_no_intervals(tmp_path):
 
 def test_callback_logs_reasons_of_completed_figures(tmp_path, caplog):
     trainer = make_trainer(tmp_path)
-    trainer.add_callback(
-        CanopyMonitorCallback(trainer, prompts=HELDOUT, every_n_steps=1, num_rollouts=4, max_new_tokens=8, bootstrap_samples=20)
+    # With this seed some prompts have both completed and truncated rollouts at cap 8.
+    callback = CanopyMonitorCallback(
+        trainer, prompts=HELDOUT, every_n_steps=1, num_rollouts=4, max_new_tokens=8, bootstrap_samples=20, seed=1
     )
+    trainer.add_callback(callback)
 
     with caplog.at_level(logging.WARNING):
         trainer.train()
