@@ -8,8 +8,8 @@ it keeps a fixed number of rows busy. A rollout leaves the batch at its end, and
 next prompt's rollouts take the free rows as soon as there is room for all of them.
 
 Rows of different prompts and lengths share one key-value cache, allocated once at
-its final size (`rows x (longest prompt + T - 1)` positions) and written in place:
-each row's prompt starts at position 0, a row's new states go to its own next
+its final size (`rows x (longest prompt + T - 1)` positions) and written in place.
+Each row's prompt starts at position 0, a row's new states go to its own next
 position, and the attention mask hides the positions a row has not reached. So
 memory does not grow step by step, and no row carries another row's padding.
 
@@ -92,8 +92,8 @@ class DecodingRun:
 
     Attributes:
         rollouts (`dict[int, DecodedRollouts]`): by prompt index.
-        row_steps (`int`): rows times decoding forward passes, prefill excluded; a
-            rollout of `n` tokens costs `n - 1`.
+        row_steps (`int`): rows summed over the decoding forward passes, prefill
+            excluded. A rollout of `n` tokens costs `n - 1`.
         forward_passes (`int`): decoding forward passes, prefill excluded.
     """
 
@@ -336,8 +336,8 @@ def decode_prompts(
     them, so the batch stays full until the last prompt has joined. Prompts run
     through the model once each (those joining together share that forward pass), and
     their states and next-token logits are copied for their rollouts. At each step
-    every live row's scores go through its prompt's processors, at that row's step;
-    one token per row is drawn with `torch.multinomial` from the processed
+    every live row's scores go through its prompt's processors, at that row's step.
+    One token per row is drawn with `torch.multinomial` from the processed
     distribution, and its entropy and log-probability are recorded. A rollout ends at
     an end-of-sequence token or at the cap `T`. Call it inside `policy.session(model)`.
 
