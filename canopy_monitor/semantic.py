@@ -36,7 +36,7 @@ DEFAULT_EMBEDDING_BATCH_SIZE = 64
 # when less than this share of the device's memory is free.
 TIGHT_MEMORY_SHARE = 0.1
 
-INSTALL_HINT = "install them with pip install 'canopy-monitor[semantic]'"
+INSTALL_HINT = "install it with pip install 'canopy-monitor[semantic]'"
 
 
 class EmbeddingModelError(ValueError):
