@@ -82,8 +82,8 @@ def test_rows_leave_and_next_prompts_join(tokenizer):
     assert sorted(run.rollouts) == [0, 1, 2]
     # A rollout is fed to the model once per token but its last.
     assert run.row_steps == sum(int((value - 1).sum()) for value in lengths.values())
-    # Batches of two prompts run one after the other would need this many passes;
-    # the third prompt joins as soon as four rows are free, so fewer are needed.
+    # Batches of two prompts run one after the other would need this many passes.
+    # The third prompt joins as soon as four rows are free, so fewer are needed.
     first_two = max(int(lengths[0].max()), int(lengths[1].max())) - 1
     assert run.forward_passes < first_two + int(lengths[2].max()) - 1
     for index, result in run.rollouts.items():

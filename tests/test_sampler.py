@@ -368,9 +368,10 @@ def test_shared_prefill_matches_repeated_prompts(tokenizer, tiny_model, monkeypa
 
 
 def test_shared_prefill_caches_prompt_once_per_rollout(tokenizer, tiny_model):
-    from canopy_monitor.sampling.sampler import _left_pad, shared_prefill
+    from canopy_monitor.sampling.decoder import left_pad
+    from canopy_monitor.sampling.sampler import shared_prefill
 
-    input_ids, attention_mask = _left_pad([[5, 6, 7], [8, 9]], 0, "cpu")
+    input_ids, attention_mask = left_pad([[5, 6, 7], [8, 9]], 0, "cpu")
     tiny_model.eval()
 
     with torch.no_grad():

@@ -143,10 +143,10 @@ def partial_correlation(
     `(r_xy - r_xc r_yc) / sqrt((1 - r_xc^2) (1 - r_yc^2))` where the right side is defined.
 
     Returns:
-        `(coefficient, reason)`. The coefficient is NaN, and `reason` gives the cause, when
-        `n < 4` (with 3 points the residuals span one dimension and the result is
-        always +-1), when a value is not finite, or when a series is a linear function
-        of `control`.
+        `(coefficient, reason)`. The coefficient is NaN, and `reason` gives the cause, in
+        three cases: `n < 4`, a value that is not finite, and a series that is a linear
+        function of `control`. With 3 points the residuals span one dimension, so the
+        result would always be +-1.
     """
     n = x.numel()
     if n < 4:

@@ -16,8 +16,8 @@ memory does not grow step by step, and no row carries another row's padding.
 The loop relies on private methods of `transformers`' generation mixin (those
 `generate` itself calls to build its processors). `decode_prompts` returns `None`
 before sampling anything when they are missing, when the model's cache is not the
-plain per-layer kind, or when a processor could not follow rows leaving the batch;
-the sampler then falls back to `generate`.
+plain per-layer kind, or when a processor could not follow rows leaving the batch.
+The sampler then falls back to `generate`.
 """
 
 from __future__ import annotations
@@ -151,12 +151,10 @@ def prompt_processors(model, policy, prompt_ids: Sequence[int], device) -> Logit
     return processors
 
 
-def _cache_argument(model) -> tuple[str, bool] | None:
+def cache_argument(model) -> tuple[str, bool] | None:
     """Return the forward pass's keyword for a cache and whether it takes `logits_to_keep`,
     or `None` when it does not take a cache and positions this way."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "is_encoder_decoder", False):
-        return None
     parameters = inspect.signature(base.forward).parameters
     # transformers 5 names the argument `cache`; 4.x named it `past_key_values`.
     name = next((name for name in ("cache", "past_key_values") if name in parameters), None)
@@ -355,10 +353,11 @@ def decode_prompts(
         `DecodingRun`, or `None` (before anything is sampled) when this model or
         policy must be sampled with `generate`.
     """
-    forward = _cache_argument(model)
-    if forward is None or not order:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = cache_argument(model)
+    if forward is None or getattr(base.config, "is_encoder_decoder", False) or not order:
         return None
-    cache_argument, takes_logits_to_keep = forward
+    cache_keyword, takes_logits_to_keep = forward
     config = policy.config
     num_rollouts, max_new_tokens = config.num_rollouts, config.max_new_tokens
     rows = max(1, min(rows, len(order) * num_rollouts))
@@ -388,7 +387,7 @@ def decode_prompts(
         if waiting and free > unjoined:
             count = min(len(waiting), -(-(free - unjoined) // num_rollouts))
             joining = [waiting.popleft() for _ in range(count)]
-            prompt_logits, prompt_cache = _prefill(model, [encoded[i] for i in joining], cache_argument, takes_logits_to_keep)
+            prompt_logits, prompt_cache = _prefill(model, [encoded[i] for i in joining], cache_keyword, takes_logits_to_keep)
             if prompt_cache is None:
                 if cache is None:
                     return None
@@ -464,7 +463,7 @@ def decode_prompts(
             input_ids=next_tokens[:, None],
             attention_mask=attention_mask,
             position_ids=slots.lengths[:live, None].clone(),
-            **{cache_argument: cache, "use_cache": True},
+            **{cache_keyword: cache, "use_cache": True},
         )
         logits = outputs.logits[:, -1].float()  # [live, V]
         del outputs
@@ -476,27 +475,21 @@ def decode_prompts(
     return DecodingRun(rollouts=finished, row_steps=row_steps, forward_passes=forward_passes)
 
 
-def _prefill(model, prompts: Sequence[Sequence[int]], cache_argument: str, takes_logits_to_keep: bool):
+def _prefill(model, prompts: Sequence[Sequence[int]], cache_keyword: str, takes_logits_to_keep: bool):
     """Run left-padded prompts through the model once.
 
     Returns:
         `(logits [n, V], cache)` with the states of every position, padding included;
         the cache is `None` when one of its layers is not a plain `DynamicLayer`.
     """
-    device = next(model.parameters()).device
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)  # [n, W]
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)  # [n, W]
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long, device=device)
-        attention_mask[row, width - len(ids) :] = 1
-    # The positions `generate` gives left-padded rows: counted from each row's first token.
-    position_ids = (attention_mask.cumsum(dim=-1) - 1).masked_fill(attention_mask == 0, 1)
-    cache = _new_cache(model)
-    options = {cache_argument: cache, "use_cache": True}
+    input_ids, attention_mask = left_pad(prompts, 0, next(model.parameters()).device)  # [n, W]
+    cache = new_cache(model)
+    options = {cache_keyword: cache, "use_cache": True}
     if takes_logits_to_keep:
         options["logits_to_keep"] = 1
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **options)
+    outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=padded_positions(attention_mask), **options
+    )
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return outputs.logits[:, -1].float(), None
@@ -504,7 +497,7 @@ def _prefill(model, prompts: Sequence[Sequence[int]], cache_argument: str, takes
 
 
 def _slot_cache(model, slots: _Slots, rows: int, capacity: int, like: DynamicCache) -> DynamicCache | None:
-    cache = _new_cache(model)
+    cache = new_cache(model)
     if not hasattr(cache, "layers"):
         return None
     cache.layers[:] = [_SlotLayer(slots, rows, capacity, layer.keys) for layer in like.layers]
@@ -521,7 +514,6 @@ def _admit(slots: _Slots, cache: DynamicCache, cohort_id: int, prompt: _PromptSt
     slots.rollouts[rows] = torch.arange(prompt.joined, prompt.joined + count, device=rows.device)
     slots.live += count
     prompt.joined += count
-    slots.refresh_max_length()
 
 
 def _release(slots: _Slots, cache: DynamicCache, ended: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
@@ -545,7 +537,24 @@ def _release(slots: _Slots, cache: DynamicCache, ended: torch.Tensor, sampled: t
     return sampled[:staying]
 
 
-def _new_cache(model) -> DynamicCache:
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into `(input_ids [n, W], attention_mask [n, W])`."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # [n, W]
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [n, W]
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Return the positions `generate` gives left-padded rows: counted from each row's first token."""
+    return (attention_mask.cumsum(dim=-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
+def new_cache(model) -> DynamicCache:
+    """Return an empty `DynamicCache` for `model` (built from its config where the class takes one)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return DynamicCache(config=base.config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import itertools
 import logging
 import numbers
@@ -14,12 +13,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ..config import SamplingConfig
 from ..estimators import RolloutStats, summarize_rollouts
 from ..prompts import Prompt, encode_prompts, model_context_length
-from .decoder import decode_prompts
+from .decoder import cache_argument, decode_prompts, left_pad, new_cache, padded_positions
 from .memory import batch_rows
 from .policy import (
     build_warpers,
@@ -153,16 +152,6 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # [P, W]
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [P, W]
-    for row, ids in enumerate(sequences):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def rollout_lengths(generated: torch.Tensor, eos_token_ids: Sequence[int], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Find each row's length and truncation flag from its generated tokens.
 
@@ -285,32 +274,23 @@ def shared_prefill(
         `PolicyGeneration.generate` with `num_return_sequences=1`, or `None` when the
         prompts are single tokens or the model does not take a cache argument this way.
     """
-    if input_ids.shape[1] < 2:
+    forward = cache_argument(model)
+    if input_ids.shape[1] < 2 or forward is None:
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
-    # transformers 5 names the argument `cache`; 4.x named it `past_key_values`.
-    cache_argument = next((name for name in ("cache", "past_key_values") if name in parameters), None)
-    if cache_argument is None or "position_ids" not in parameters:
-        return None
-    try:
-        cache = DynamicCache(config=base.config)
-    except TypeError:
-        cache = DynamicCache()
+    cache_keyword, takes_logits_to_keep = forward
+    cache = new_cache(model)
 
     prefix_ids = input_ids[:, :-1]  # [P, W - 1]
     prefix_mask = attention_mask[:, :-1]  # [P, W - 1]
-    # The positions `generate` gives left-padded rows: counted from each row's first token.
-    position_ids = (prefix_mask.cumsum(dim=-1) - 1).masked_fill(prefix_mask == 0, 1)  # [P, W - 1]
-    options = {cache_argument: cache, "use_cache": True}
-    if "logits_to_keep" in parameters:
+    options = {cache_keyword: cache, "use_cache": True}
+    if takes_logits_to_keep:
         options["logits_to_keep"] = 1
-    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids, **options)
+    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=padded_positions(prefix_mask), **options)
     cache.batch_repeat_interleave(num_rollouts)
     return (
         input_ids.repeat_interleave(num_rollouts, dim=0),
         attention_mask.repeat_interleave(num_rollouts, dim=0),
-        {cache_argument: cache},
+        {cache_keyword: cache},
     )
 
 
@@ -480,7 +460,7 @@ def sample_rollouts(
                 )
         else:
             for batch in batches:
-                input_ids, attention_mask = _left_pad([encoded[i] for i in batch], policy.pad_token_id, device)
+                input_ids, attention_mask = left_pad([encoded[i] for i in batch], policy.pad_token_id, device)
                 generated, step_entropies, token_logprobs = _sample_with_generate(model, policy, input_ids, attention_mask)
                 for slot, prompt_index in enumerate(batch):
                     rows_of_prompt = slice(slot * config.num_rollouts, (slot + 1) * config.num_rollouts)
