@@ -20,15 +20,16 @@ from .estimators import (
     check_samples,
     paired_change,
 )
+from .distributed import Processes, broadcast_from_main, gather_shares, gathered_weights, merge_shares
 from .measurement import (
     DEFAULT_TRUNCATION_WARNING,
     Measurement,
     check_truncation_threshold,
-    measure,
+    estimate_rollouts,
     truncation_warning,
 )
 from .prompts import encode_prompts, load_prompts, model_context_length
-from .sampling import resolve_eos_token_ids
+from .sampling import resolve_eos_token_ids, sample_rollouts
 from .sampling.sampler import resolve_batch_size
 from .semantic import (
     DEFAULT_EMBEDDING_BATCH_SIZE,
@@ -44,6 +45,14 @@ from .sinks import HistoryWriter, read_history, scalar_metrics
 from .sinks.units import check_units, convert_nested, unit_factor
 
 logger = logging.getLogger(__name__)
+
+# Key of the monitor's state in `TrainerState.stateful_callbacks`, saved in every
+# checkpoint's trainer_state.json. It is not the class name, because transformers
+# rebuilds the callbacks stored under their class names with `cls(**args)` when
+# `restore_callback_states_from_checkpoint` is set, and this callback needs its trainer.
+STATE_KEY = "canopy_monitor"
+# The history as it was at a checkpoint, inside the checkpoint folder.
+CHECKPOINT_HISTORY = Path("canopy_monitor") / "history.jsonl"
 
 
 class CanopyMonitorCallback(TrainerCallback):
@@ -235,8 +244,11 @@ class CanopyMonitorCallback(TrainerCallback):
         self.num_errors = 0
         self.monitor_seconds_total = 0.0
         self._train_started: float | None = None
+        # Steps whose point was taken, failed ones included, and those that failed.
         self._recorded_steps: set[int] = set()
+        self._failed_steps: set[int] = set()
         self._reported_causes: set[str] = set()
+        self.processes = Processes.of(trainer)
         # Monitoring points of the run so far, earlier sessions of a resumed run
         # included; the semantic schedule counts them.
         self._num_points = 0
@@ -247,8 +259,18 @@ class CanopyMonitorCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._train_started = time.perf_counter()
+        self.processes = Processes.of(self.trainer)
         if state.is_world_process_zero:
-            self._prepare_history(state.global_step)
+            self._prepare_history(args, state)
+        # Every process must agree on the points still to take, because each of them
+        # samples a share of the prompts at every point.
+        shared = broadcast_from_main(
+            self.processes,
+            {"steps": sorted(self._recorded_steps), "points": self._num_points, "batch_size": self.sampling.batch_size},
+        )
+        self._recorded_steps = set(shared["steps"])
+        self._num_points = shared["points"]
+        self.sampling = dataclasses.replace(self.sampling, batch_size=shared["batch_size"])
         # The first point is taken before the first optimiser step. A resumed run
         # continues the schedule: it measures at its checkpoint's step only when that
         # step is on the schedule and its point is missing from the history.
@@ -260,6 +282,26 @@ class CanopyMonitorCallback(TrainerCallback):
             final = state.max_steps > 0 and state.global_step >= state.max_steps
             self._monitor(state, control, kwargs.get("model"), final=final)
 
+    def on_save(self, args, state, control, **kwargs):
+        # The Trainer has written the checkpoint folder by now, and the point of this
+        # step, if any, was taken before it saved.
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not checkpoint.is_dir():
+            return
+        try:
+            HistoryWriter(checkpoint / CHECKPOINT_HISTORY).replace(read_history(self.history_path))
+        except OSError as error:
+            if self.strict:
+                raise
+            self._warn_once(
+                "checkpoint-history",
+                "canopy-monitor: could not copy the monitoring history into %s: %s",
+                checkpoint,
+                error,
+            )
+
     def on_train_end(self, args, state, control, **kwargs):
         self._monitor(state, control, kwargs.get("model"), final=True)
         if state.is_world_process_zero and self.history:
@@ -270,9 +312,26 @@ class CanopyMonitorCallback(TrainerCallback):
                 self.history_path,
             )
 
-    # Monitoring
+    # Checkpoints and resumed runs
 
-    def _prepare_history(self, global_step: int) -> None:
+    def checkpoint_state(self) -> dict:
+        """Return the monitor's state as saved in checkpoints (`TrainerState.stateful_callbacks["canopy_monitor"]`)."""
+        return {
+            "version": 1,
+            "steps": sorted(self._recorded_steps),
+            "failed_steps": sorted(self._failed_steps),
+            "num_points": self._num_points,
+            "num_errors": self.num_errors,
+            "batch_size": self.sampling.batch_size,
+        }
+
+    def _save_state(self, state) -> None:
+        if state.stateful_callbacks is None:
+            state.stateful_callbacks = {}
+        state.stateful_callbacks[STATE_KEY] = self.checkpoint_state()
+
+    def _prepare_history(self, args, state) -> None:
+        global_step = state.global_step
         if global_step == 0:
             if self.history_path.exists():
                 # A fresh run in a reused output directory: keep the old history beside the new one.
@@ -280,23 +339,64 @@ class CanopyMonitorCallback(TrainerCallback):
                 self.history_path.rename(previous)
                 logger.info("canopy-monitor: moved the history of an earlier run to %s", previous)
             self._recorded_steps = set()
+            self._failed_steps = set()
             self._baseline = None
             self._num_points = 0
             return
 
-        # A resumed run repeats the steps after its checkpoint.
-        before = len(read_history(self.history_path))
-        remaining = HistoryWriter(self.history_path).keep_until(global_step)
-        if len(remaining) < before:
-            logger.info(
-                "canopy-monitor: resuming at step %d, so %d later monitoring point(s) were dropped from %s",
-                global_step,
-                before - len(remaining),
-                self.history_path,
-            )
-        self._recorded_steps = {record["step"] for record in remaining}
+        remaining = self._resumed_history(args, global_step)
+        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+        recorded = {record["step"] for record in remaining}
         self._num_points = len(remaining)
+        if isinstance(saved, dict) and saved.get("version") == 1:
+            saved_steps = {step for step in saved.get("steps", []) if step <= global_step}
+            self._failed_steps = {step for step in saved.get("failed_steps", []) if step <= global_step}
+            lost = sorted(saved_steps - recorded - self._failed_steps)
+            if lost:
+                logger.warning(
+                    "canopy-monitor: the checkpoint at step %d lists monitoring points at steps %s that are "
+                    "missing from %s; they cannot be measured again, because the weights of those steps are gone.",
+                    global_step,
+                    lost,
+                    self.history_path,
+                )
+            recorded |= saved_steps
+            self._num_points = max(self._num_points, int(saved.get("num_points", 0)))
+            self.num_errors = int(saved.get("num_errors", 0))
+            if self.sampling.batch_size is None and saved.get("batch_size") is not None:
+                # The rows the run chose at its first point, so that the `generate`
+                # fallback draws as it did before the checkpoint.
+                self.sampling = dataclasses.replace(self.sampling, batch_size=int(saved["batch_size"]))
+        self._recorded_steps = recorded
         self._baseline = self._baseline_from_history(remaining)
+
+    def _resumed_history(self, args, global_step: int) -> list[dict]:
+        """Return the history up to the checkpoint's step, written back to the history file.
+
+        The checkpoint's own copy of the history wins when it exists: it is exactly the
+        history at the checkpoint, even if the history file was lost or went further.
+        Otherwise the points after the checkpoint's step are dropped from the file,
+        because the resumed run repeats those steps.
+        """
+        writer = HistoryWriter(self.history_path)
+        before = read_history(self.history_path)
+        snapshot = Path(args.output_dir) / f"checkpoint-{global_step}" / CHECKPOINT_HISTORY
+        if snapshot.is_file():
+            remaining = [record for record in read_history(snapshot) if record["step"] <= global_step]
+            writer.replace(remaining)
+            source = str(snapshot)
+        else:
+            remaining = writer.keep_until(global_step)
+            source = str(self.history_path)
+        dropped = {record["step"] for record in before} - {record["step"] for record in remaining}
+        logger.info(
+            "canopy-monitor: resuming at step %d with %d monitoring point(s) from %s%s",
+            global_step,
+            len(remaining),
+            source,
+            f"; later point(s) at steps {sorted(dropped)} were dropped" if dropped else "",
+        )
+        return remaining
 
     def _baseline_from_history(self, records: list[dict]) -> list[PromptEstimates] | None:
         """Rebuild the first point's per-prompt estimates from the history, in nats."""
@@ -325,27 +425,29 @@ class CanopyMonitorCallback(TrainerCallback):
             return None
         return baseline
 
+    # Monitoring
+
     def _monitor(self, state, control, model, final: bool = False) -> None:
         step = state.global_step
         if step in self._recorded_steps:
             return
         self._recorded_steps.add(step)
-        # NOTE: only the main process samples. Under several processes with sharded
-        # weights (DeepSpeed ZeRO-3, FSDP) generation would need every process, so
-        # monitoring is not yet supported there.
-        if not state.is_world_process_zero:
-            return
+        main = state.is_world_process_zero
         semantic_due = self._semantic_due(final)
         self._num_points += 1
 
         started = time.perf_counter()
         try:
-            measurement = self._measure(model)
+            measurement = self._measure(model, main)
         except Exception as error:
             self.monitor_seconds_total += time.perf_counter() - started
+            self.num_errors += 1
+            self._failed_steps.add(step)
+            self._save_state(state)
             if self.strict:
                 raise
-            self.num_errors += 1
+            if not main:
+                return
             self._warn_once(
                 type(error).__name__,
                 "canopy-monitor: the monitoring point at step %d failed and was skipped; training goes on. "
@@ -360,12 +462,17 @@ class CanopyMonitorCallback(TrainerCallback):
             )
             return
 
+        if not main:
+            self.monitor_seconds_total += time.perf_counter() - started
+            self._save_state(state)
+            return
         semantic_seconds = None
         if semantic_due:
             semantic_started = time.perf_counter()
             measurement = self._add_semantic(step, model, measurement)
             semantic_seconds = time.perf_counter() - semantic_started
         self._publish(step, control, measurement, started, semantic_seconds)
+        self._save_state(state)
 
     def _semantic_due(self, final: bool) -> bool:
         """Tell whether the next monitoring point measures semantic diversity."""
@@ -406,21 +513,48 @@ class CanopyMonitorCallback(TrainerCallback):
             model = accelerator.unwrap_model(model)
         return model
 
-    def _measure(self, model) -> Measurement:
+    def _measure(self, model, main: bool) -> Measurement | None:
+        """Sample this process's share of the prompts, gather every share and estimate on the main process.
+
+        Returns `None` on the other processes. Raises on every process when sampling
+        failed on any of them, so that all of them skip the point.
+        """
+        started = time.perf_counter()
         model = self._unwrap(model)
-        # Fixed at the first point, so that later points draw the same random numbers
-        # for the same rollouts whatever memory is free then.
-        self.sampling = resolve_batch_size(model, self.tokenizer, self.prompts, self.sampling)
-        show_progress = not getattr(self.trainer.args, "disable_tqdm", False)
-        return measure(
-            model,
-            self.tokenizer,
-            self.prompts,
+        share = self.processes.share(len(self.prompts))
+        prompts = [self.prompts[index] for index in share]
+        try:
+            rollouts = []
+            if prompts:
+                with gathered_weights(self.trainer):
+                    # Fixed at the first point, so that the `generate` fallback draws
+                    # the same random numbers at later points whatever memory is free.
+                    self.sampling = resolve_batch_size(model, self.tokenizer, prompts, self.sampling)
+                    show_progress = main and not getattr(self.trainer.args, "disable_tqdm", False)
+                    rollouts = sample_rollouts(
+                        model,
+                        self.tokenizer,
+                        prompts,
+                        self.sampling,
+                        eos_token_ids=self.eos_token_ids,
+                        prompt_keys=share,
+                        show_progress=show_progress,
+                    )
+            outcome = ("ok", list(zip(share, rollouts)))
+        except Exception as error:
+            if self.processes.count == 1:
+                raise
+            outcome = ("error", f"{type(error).__name__}: {error}")
+
+        rollouts = merge_shares(gather_shares(self.processes, outcome), len(self.prompts))
+        if not main:
+            return None
+        return estimate_rollouts(
+            rollouts,
             self.sampling,
-            eos_token_ids=self.eos_token_ids,
             bootstrap=self.bootstrap,
             running_positions=self.running_positions,
-            show_progress=show_progress,
+            started=started,
         )
 
     def _log(self, control, metrics: dict[str, float]) -> None:

@@ -39,8 +39,9 @@ class SamplingConfig:
             Maximum number of rollouts sampled together. The sampler's own loop uses
             exactly this many rows; the `generate` fallback rounds it down to a whole
             number of prompts, never below one. By default it is chosen from the memory
-            free when sampling starts (`sampling.memory.batch_rows`). The rollouts drawn
-            for a seed depend on it, so runs to compare need the same value.
+            free when sampling starts (`sampling.memory.batch_rows`). The sampler's loop
+            draws the same rollouts for a seed whatever the batch size; only the
+            `generate` fallback draws differently with another value.
     """
 
     num_rollouts: int = 8

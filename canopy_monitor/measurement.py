@@ -85,26 +85,46 @@ def measure(
     """
     start = time.perf_counter()
     positions = check_running_positions(running_positions, config.max_new_tokens)
-    if positions is None:
-        positions = default_running_positions(config.max_new_tokens)
     rollouts = sample_rollouts(
         model, tokenizer, prompts, config, eos_token_ids=eos_token_ids, show_progress=show_progress
     )
-    estimates = [estimate_prompt(r.stats, r.step_entropies, running_positions=positions) for r in rollouts]
-    pooled = pool_prompts(estimates, bootstrap)
-    measurement = Measurement(
-        config=config,
-        bootstrap=bootstrap,
-        running_positions=positions,
-        rollouts=rollouts,
-        estimates=estimates,
-        pooled=pooled,
-        seconds=time.perf_counter() - start,
-    )
+    measurement = estimate_rollouts(rollouts, config, bootstrap=bootstrap, running_positions=positions, started=start)
     if embedder is None:
         return measurement
     semantic = measure_semantic(measurement, embedder, device=model_device(model), prompt_sets=prompt_sets)
     return dataclasses.replace(measurement, semantic=semantic, seconds=time.perf_counter() - start)
+
+
+def estimate_rollouts(
+    rollouts: Sequence[PromptRollouts],
+    config: SamplingConfig,
+    *,
+    bootstrap: BootstrapConfig | None = BootstrapConfig(),
+    running_positions: Sequence[int] | None = None,
+    started: float | None = None,
+) -> Measurement:
+    """Compute every estimate from rollouts already sampled with `config`, one entry per prompt.
+
+    Args:
+        bootstrap, running_positions: as in `measure`.
+        started (`float`, *optional*): `time.perf_counter()` when sampling started, so
+            that `Measurement.seconds` counts it; by default only estimation is counted.
+    """
+    start = time.perf_counter() if started is None else started
+    positions = check_running_positions(running_positions, config.max_new_tokens)
+    if positions is None:
+        positions = default_running_positions(config.max_new_tokens)
+    estimates = [estimate_prompt(r.stats, r.step_entropies, running_positions=positions) for r in rollouts]
+    pooled = pool_prompts(estimates, bootstrap)
+    return Measurement(
+        config=config,
+        bootstrap=bootstrap,
+        running_positions=positions,
+        rollouts=list(rollouts),
+        estimates=estimates,
+        pooled=pooled,
+        seconds=time.perf_counter() - start,
+    )
 
 
 # Default truncation share above which `truncation_warning` returns a warning.

@@ -3,7 +3,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
+import canopy_monitor.callback as callback_module
 from canopy_monitor import CanopyMonitorCallback
 from canopy_monitor.prompts import PromptError
 
@@ -134,15 +136,15 @@ def test_failure_inside_point_does_not_stop_training(tmp_path, caplog, monkeypat
     callback = CanopyMonitorCallback(trainer, prompts=HELDOUT[:2], every_n_steps=1, num_rollouts=3, max_new_tokens=6)
     trainer.add_callback(callback)
     calls = {"count": 0}
-    original = callback._measure
+    original = callback_module.sample_rollouts
 
-    def flaky(model):
+    def flaky(*args, **kwargs):
         calls["count"] += 1
         if calls["count"] == 2:
             raise RuntimeError("simulated out of memory")
-        return original(model)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(callback, "_measure", flaky)
+    monkeypatch.setattr(callback_module, "sample_rollouts", flaky)
 
     with caplog.at_level("WARNING"):
         trainer.train()
@@ -154,11 +156,37 @@ def test_failure_inside_point_does_not_stop_training(tmp_path, caplog, monkeypat
     assert trainer.model.training
 
 
+def test_nan_logits_skip_point_and_training_goes_on(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, max_steps=4)
+    callback = CanopyMonitorCallback(trainer, prompts=HELDOUT[:2], every_n_steps=2, num_rollouts=3, max_new_tokens=6)
+    trainer.add_callback(callback)
+    plain = make_trainer(tmp_path / "plain", max_steps=4)
+    plain.train()
+
+    def nan_when_sampling(module, inputs, outputs):
+        # Sampling runs the model in eval mode, training in train mode.
+        if not module.training:
+            outputs.logits = torch.full_like(outputs.logits, float("nan"))
+        return outputs
+
+    trainer.model.register_forward_hook(nan_when_sampling)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+
+    assert trainer.state.global_step == 4
+    assert callback.num_errors == 3
+    assert caplog.text.count("FloatingPointError") == 1
+    assert "next-token distribution is NaN" in caplog.text
+    errors = [entry["canopy/monitor_errors"] for entry in trainer.state.log_history if "canopy/monitor_errors" in entry]
+    assert errors == [1.0, 2.0, 3.0]
+    assert training_losses(trainer) == training_losses(plain)
+
+
 def test_strict_reraises(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, max_steps=1)
     callback = CanopyMonitorCallback(trainer, prompts=HELDOUT[:1], num_rollouts=2, max_new_tokens=4, strict=True)
     trainer.add_callback(callback)
-    monkeypatch.setattr(callback, "_measure", lambda model: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(callback_module, "sample_rollouts", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom")))
 
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()

@@ -5,6 +5,7 @@ from canopy_monitor.config import SamplingConfig
 from canopy_monitor.prompts import Prompt
 from canopy_monitor.sampling import build_warpers, sample_rollouts, sampler
 from canopy_monitor.sampling.decoder import _Slots, _SlotLayer, decode_prompts
+from canopy_monitor.sampling.draws import inverse_transform_sample, rollout_uniforms
 from canopy_monitor.sampling.sampler import PolicyGeneration
 
 from conftest import make_model
@@ -18,54 +19,88 @@ PROMPTS = [
 EOS = 2
 
 
-def sample_both_ways(model, tokenizer, config, monkeypatch):
-    """Sample `PROMPTS` with the decoding loop, then with `generate`, from the same seed."""
-    decoded = sample_rollouts(model, tokenizer, PROMPTS, config)
-    with monkeypatch.context() as patch:
-        patch.setattr(sampler, "decode_prompts", lambda *args, **kwargs: None)
-        generated = sample_rollouts(model, tokenizer, PROMPTS, config)
-    return decoded, generated
+def test_draws_follow_the_cumulative_probabilities():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    logprobs = probs.log().expand(6, -1)
+    uniforms = torch.tensor([0.0, 0.05, 0.11, 0.69, 0.71, 1.0 - 1e-16], dtype=torch.float64)
+
+    tokens = inverse_transform_sample(logprobs, uniforms)
+
+    assert tokens.tolist() == [0, 0, 2, 2, 3, 3]
 
 
-@pytest.mark.parametrize("policy", [{}, {"temperature": 0.7, "top_k": 9, "top_p": 0.9}])
-def test_same_samples_as_generate_while_no_row_ends(tokenizer, monkeypatch, policy):
-    # With the end token suppressed no row leaves the batch, so the loop must draw
-    # exactly the tokens `generate` draws from the same random stream.
-    model = make_model(seed=1)
-    model.generation_config.suppress_tokens = [EOS]
-    model.generation_config.repetition_penalty = 1.3
-    config = SamplingConfig(num_rollouts=4, max_new_tokens=9, seed=7, batch_size=12, use_chat_template=False, **policy)
+def test_evenly_spaced_uniforms_give_each_token_its_share():
+    # With n evenly spaced uniforms a token of probability p is drawn n * p times, up
+    # to one draw at each boundary; filtered tokens (probability 0) never.
+    logits = torch.tensor([2.0, -1.0, float("-inf"), 0.5, 0.0, float("-inf"), 1.0])
+    logprobs = torch.log_softmax(logits, dim=-1)
+    n = 100_000
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n
 
-    decoded, generated = sample_both_ways(model, tokenizer, config, monkeypatch)
+    tokens = inverse_transform_sample(logprobs.expand(n, -1), uniforms)
 
-    for ours, theirs in zip(decoded, generated):
-        assert ours.token_ids == theirs.token_ids
-        assert all(len(ids) == 9 for ids in ours.token_ids)
-        torch.testing.assert_close(ours.step_entropies, theirs.step_entropies, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.stats.surprisal_sums, theirs.stats.surprisal_sums, rtol=1e-5, atol=1e-4)
+    counts = torch.bincount(tokens, minlength=7).double()
+    expected = logprobs.double().exp() * n
+    assert counts[2] == 0
+    assert counts[5] == 0
+    assert torch.all((counts - expected).abs() <= 1)
 
 
-def test_same_samples_as_generate_until_the_first_end(tokenizer, monkeypatch):
-    # Dropping the first ended row changes the shape of the next draw, so the two
-    # ways agree up to and including the step where the first row ends.
+def test_prompt_uniforms_depend_on_seed_and_key_only():
+    first = rollout_uniforms(seed=3, key=5, num_rollouts=4, max_new_tokens=6)
+    again = rollout_uniforms(seed=3, key=5, num_rollouts=4, max_new_tokens=6)
+    longer = rollout_uniforms(seed=3, key=5, num_rollouts=4, max_new_tokens=9)
+
+    assert first.dtype == torch.float64
+    assert torch.equal(first, again)
+    assert not torch.equal(first, rollout_uniforms(seed=3, key=6, num_rollouts=4, max_new_tokens=6))
+    assert not torch.equal(first, rollout_uniforms(seed=4, key=5, num_rollouts=4, max_new_tokens=6))
+    assert bool(((first >= 0) & (first < 1)).all())
+    # torch.rand fills row-major, so a longer cap changes which uniform each step gets.
+    assert longer.shape == (4, 9)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 64])
+def test_rollouts_do_not_depend_on_rows_or_order(tokenizer, rows):
     model = make_model(seed=2)
     with torch.no_grad():
         model.lm_head.weight[EOS] += 0.5
-    config = SamplingConfig(num_rollouts=4, max_new_tokens=12, seed=3, batch_size=12, use_chat_template=False)
+    config = SamplingConfig(num_rollouts=4, max_new_tokens=12, seed=3, use_chat_template=False)
+    reference = decode(model, tokenizer, config, PROMPTS, rows=12)
 
-    decoded, generated = sample_both_ways(model, tokenizer, config, monkeypatch)
+    run = decode(model, tokenizer, config, PROMPTS, rows=rows, order=[2, 0, 1])
 
-    first_end = min(len(ids) for result in decoded for ids in result.token_ids)
-    assert first_end < 12
-    for ours, theirs in zip(decoded, generated):
-        assert [ids[:first_end] for ids in ours.token_ids] == [ids[:first_end] for ids in theirs.token_ids]
+    for index in range(len(PROMPTS)):
+        ours, theirs = run.rollouts[index], reference.rollouts[index]
+        assert torch.equal(ours.generated, theirs.generated)
+        torch.testing.assert_close(ours.step_entropies, theirs.step_entropies, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.token_logprobs, theirs.token_logprobs, rtol=1e-5, atol=1e-4)
 
 
-def decode(model, tokenizer, config, prompts, rows):
+def test_prompt_keys_reproduce_a_share_of_the_prompts(tokenizer):
+    # A process that samples prompts 1 and 2 of the list with their keys draws what
+    # one process sampling the whole list draws for them.
+    model = make_model(seed=2)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] += 0.5
+    config = SamplingConfig(num_rollouts=4, max_new_tokens=12, seed=3, use_chat_template=False, batch_size=8)
+    whole = sample_rollouts(model, tokenizer, PROMPTS, config)
+
+    share = sample_rollouts(model, tokenizer, PROMPTS[1:], config, prompt_keys=[1, 2])
+    unkeyed = sample_rollouts(model, tokenizer, PROMPTS[1:], config)
+
+    assert [r.token_ids for r in share] == [r.token_ids for r in whole[1:]]
+    assert [r.token_ids for r in unkeyed] != [r.token_ids for r in whole[1:]]
+    with pytest.raises(ValueError, match="prompt_keys has 1 keys for 2 prompts"):
+        sample_rollouts(model, tokenizer, PROMPTS[1:], config, prompt_keys=[1])
+
+
+def decode(model, tokenizer, config, prompts, rows, order=None):
     policy = PolicyGeneration.build(model, tokenizer, config)
     encoded = policy.encode(model, tokenizer, prompts)
+    order = list(range(len(prompts))) if order is None else order
     with policy.session(model):
-        run = decode_prompts(model, policy, encoded, list(range(len(prompts))), rows=rows)
+        run = decode_prompts(model, policy, encoded, order, rows=rows)
     assert run is not None
     return run
 

@@ -33,6 +33,7 @@ from transformers import DynamicCache, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 from transformers.generation import logits_process
 
+from .draws import inverse_transform_sample, rollout_uniforms
 from .policy import policy_generation_config
 from .recorder import policy_entropy
 
@@ -257,6 +258,7 @@ class _PromptState:
         logits: torch.Tensor,
         states: list[tuple[torch.Tensor, torch.Tensor]],
         policy,
+        key: int,
     ) -> None:
         config = policy.config
         num_rollouts, max_new_tokens = config.num_rollouts, config.max_new_tokens
@@ -281,6 +283,7 @@ class _PromptState:
         self.generated = torch.full((num_rollouts, max_new_tokens), policy.pad_token_id, dtype=torch.long, device=device)
         self.step_entropies = torch.zeros((num_rollouts, max_new_tokens), dtype=torch.float32, device=device)
         self.token_logprobs = torch.zeros((num_rollouts, max_new_tokens), dtype=torch.float32, device=device)
+        self.uniforms = rollout_uniforms(config.seed, key, num_rollouts, max_new_tokens, device=device)  # [M, T]
 
     def process(self, rollouts: torch.Tensor, step: int, logits: torch.Tensor) -> torch.Tensor:
         """Apply the processors to the next-token logits `[n, V]` of `rollouts`, all at `step`."""
@@ -326,6 +329,7 @@ def decode_prompts(
     order: Sequence[int],
     *,
     rows: int,
+    prompt_keys: Sequence[int] | None = None,
     on_prompt_done: Callable[[int], None] | None = None,
 ) -> DecodingRun | None:
     """Sample `M` rollouts of each prompt with at most `rows` rollouts in a forward pass.
@@ -335,8 +339,10 @@ def decode_prompts(
     through the model once each (those joining together share that forward pass), and
     their states and next-token logits are copied for their rollouts. At each step
     every live row's scores go through its prompt's processors, at that row's step.
-    One token per row is drawn with `torch.multinomial` from the processed
-    distribution, and its entropy and log-probability are recorded. A rollout ends at
+    One token per row is drawn from the processed distribution by inverse transform
+    sampling, from that rollout's own uniform for that step (`draws.rollout_uniforms`),
+    and its entropy and log-probability are recorded. So the rollouts do not depend on
+    `rows` or `order`. A rollout ends at
     an end-of-sequence token or at the cap `T`. Call it inside `policy.session(model)`.
 
     Args:
@@ -346,6 +352,10 @@ def decode_prompts(
         order (sequence of `int`): indices into `encoded`, in the order prompts join.
         rows (`int`): rows of the batch, at least 1; no more are allocated than there
             are rollouts.
+        prompt_keys (sequence of `int`, *optional*): for each prompt of `encoded`, the key
+            that seeds its uniforms with `policy.config.seed`; defaults to its index. A
+            process that samples a share of a larger prompt list passes the prompts'
+            indices in that list, so it draws what one process sampling all would.
         on_prompt_done (callable, *optional*): called with a prompt's index when its
             last rollout ends.
 
@@ -401,7 +411,8 @@ def decode_prompts(
                 own = slice(width - len(encoded[index]), width)  # the prompt's positions in the left-padded prefill
                 # Copies, so that the prefill's padded states are freed now.
                 states = [(layer.keys[slot, :, own].clone(), layer.values[slot, :, own].clone()) for layer in prompt_cache.layers]
-                prefilled.append(_PromptState(index, encoded[index], processors[index], prompt_logits[slot], states, policy))
+                key = prompt_keys[index] if prompt_keys is not None else index
+                prefilled.append(_PromptState(index, encoded[index], processors[index], prompt_logits[slot], states, policy, key))
             del prompt_logits, prompt_cache
         joining_logits = []
         while prefilled and slots.live < rows:
@@ -420,14 +431,21 @@ def decode_prompts(
         # Sample one token for every live row from its prompt's processed distribution.
         live = slots.live
         scores = torch.empty_like(logits)  # [live, V]
+        uniforms = torch.empty(live, dtype=torch.float64, device=device)
         members = {}
         for cohort_id in slots.cohorts[:live].unique().tolist():
             cohort = cohorts[cohort_id]
             cohort_rows = (slots.cohorts[:live] == cohort_id).nonzero().squeeze(1)
             members[cohort_id] = cohort_rows
             scores[cohort_rows] = cohort.prompt.process(slots.rollouts[cohort_rows], cohort.step, logits[cohort_rows])
+            uniforms[cohort_rows] = cohort.prompt.uniforms[slots.rollouts[cohort_rows], cohort.step]
         entropies, logprobs = policy_entropy(scores)  # [live], [live, V]
-        sampled = torch.multinomial(logprobs.exp(), num_samples=1).squeeze(1)  # [live]
+        if bool(torch.isnan(logprobs).any()):
+            raise FloatingPointError(
+                "the model's next-token distribution is NaN for at least one rollout (NaN logits, or every "
+                "token filtered out), so no token can be sampled"
+            )
+        sampled = inverse_transform_sample(logprobs, uniforms)  # [live]
         sampled_logprobs = logprobs.gather(1, sampled[:, None]).squeeze(1)
         ended = torch.isin(sampled, eos)  # [live]
         for cohort_id, cohort_rows in members.items():

@@ -360,8 +360,9 @@ def _rows_from_memory(model, encoded: Sequence[Sequence[int]], config: SamplingC
 def resolve_batch_size(model, tokenizer, prompts: Sequence[Prompt], config: SamplingConfig) -> SamplingConfig:
     """Return `config` with `batch_size` chosen from the free memory now, if it is `None`.
 
-    The rollouts drawn for a seed depend on the batch size, so a run that samples the
-    same prompts several times fixes it once, and its points differ only in the weights.
+    The `generate` fallback draws other rollouts for a seed with another batch size, so
+    a run that samples the same prompts several times fixes it once, and its points
+    differ only in the weights whichever way they are sampled.
     """
     if config.batch_size is not None:
         return config
@@ -400,6 +401,7 @@ def sample_rollouts(
     config: SamplingConfig,
     *,
     eos_token_ids: Sequence[int] | None = None,
+    prompt_keys: Sequence[int] | None = None,
     show_progress: bool = False,
 ) -> list[PromptRollouts]:
     """Sample `config.num_rollouts` rollouts per prompt and record their figures.
@@ -426,12 +428,18 @@ def sample_rollouts(
         config (`SamplingConfig`): decoding policy and budget.
         eos_token_ids (sequence of `int`, *optional*): end-of-sequence ids added to
             those of the generation config and the tokenizer.
+        prompt_keys (sequence of `int`, *optional*): one non-negative key per prompt that
+            seeds its random numbers with `config.seed` (see `draws`); defaults to the
+            prompts' positions. With the sampler's loop a prompt's rollouts depend only
+            on the model, the prompt, the seed and its key. The `generate` fallback
+            ignores the keys and draws from one stream seeded with `config.seed`.
         show_progress (`bool`, *optional*, defaults to `False`): show a progress bar.
 
     Returns:
         `list[PromptRollouts]`, one per prompt, in the order of `prompts`.
     """
-
+    if prompt_keys is not None and len(prompt_keys) != len(prompts):
+        raise ValueError(f"prompt_keys has {len(prompt_keys)} keys for {len(prompts)} prompts.")
     policy = PolicyGeneration.build(model, tokenizer, config, eos_token_ids)
     eos_ids = policy.eos_token_ids
     encoded = policy.encode(model, tokenizer, prompts)
@@ -452,7 +460,9 @@ def sample_rollouts(
         stack.enter_context(policy.session(model))
         on_prompt_done = (lambda index: progress.update(1)) if progress is not None else None
         order = [index for batch in batches for index in batch]
-        run = decode_prompts(model, policy, encoded, order, rows=rows, on_prompt_done=on_prompt_done)
+        run = decode_prompts(
+            model, policy, encoded, order, rows=rows, prompt_keys=prompt_keys, on_prompt_done=on_prompt_done
+        )
         if run is not None:
             for index, decoded in run.rollouts.items():
                 results[index] = _prompt_rollouts(

@@ -42,11 +42,16 @@ class HistoryWriter:
         records = read_history(self.path)
         remaining = [record for record in records if record["step"] <= step]
         if len(remaining) < len(records):
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            lines = "".join(json.dumps(record, allow_nan=False) + "\n" for record in remaining)
-            temporary.write_text(lines, encoding="utf-8")
-            os.replace(temporary, self.path)
+            self.replace(remaining)
         return remaining
+
+    def replace(self, records: list[dict]) -> None:
+        """Write `records` in place of the file's contents, atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        lines = "".join(json.dumps(json_safe(record), allow_nan=False) + "\n" for record in records)
+        temporary.write_text(lines, encoding="utf-8")
+        os.replace(temporary, self.path)
 
     def steps(self) -> list[int]:
         """Return the steps already recorded, in file order."""

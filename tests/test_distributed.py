@@ -1,0 +1,108 @@
+"""The monitor under `accelerate launch` with two CPU processes, against one process."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("distributed_run.py")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run(output_dir: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    if processes == 1:
+        command = [sys.executable, str(SCRIPT), str(output_dir), *extra]
+    else:
+        # accelerate launches CPU processes with torchrun only through `--multi_gpu`;
+        # without a GPU each process then trains on the CPU with the gloo backend.
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            str(SCRIPT), str(output_dir), *extra,
+        ]  # fmt: skip
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def history(output_dir: Path) -> list[dict]:
+    path = output_dir / "canopy_monitor" / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def keys(output_dir: Path, process: int) -> list[list[int]]:
+    return json.loads((output_dir / f"keys-{process}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("one")
+    run(output_dir, 1)
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("two")
+    run(output_dir, 2)
+    return output_dir
+
+
+def test_prompts_split_across_processes(two_processes):
+    assert keys(two_processes, 0) == [[0, 2, 4]] * 3
+    assert keys(two_processes, 1) == [[1, 3]] * 3
+
+
+def test_main_process_logs_each_point_once(two_processes):
+    records = history(two_processes)
+    logs = json.loads((two_processes / "canopy-logs.json").read_text())
+
+    assert [record["step"] for record in records] == [0, 2, 4]
+    assert [record["num_prompts"] for record in records] == [5, 5, 5]
+    assert [record["total_rollouts"] for record in records] == [20, 20, 20]
+    assert len(logs) == 3
+
+
+def test_two_processes_give_one_process_figures(one_process, two_processes):
+    single, split = history(one_process), history(two_processes)
+
+    assert [record["step"] for record in single] == [record["step"] for record in split]
+    for alone, shared in zip(single, split):
+        for alone_prompt, shared_prompt in zip(alone["prompts"], shared["prompts"]):
+            assert alone_prompt["prompt"] == shared_prompt["prompt"]
+            assert alone_prompt["mean_length"] == shared_prompt["mean_length"]
+            assert alone_prompt["truncation_rate"] == shared_prompt["truncation_rate"]
+        for name, value in alone["metrics"].items():
+            if name in ("canopy/monitor_seconds", "canopy/monitor_time_share"):
+                continue
+            other = shared["metrics"][name]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                assert other is None or math.isnan(other), name
+            else:
+                assert other == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_failure_on_one_process_skips_point_on_all(tmp_path):
+    result = run(tmp_path, 2, "--fail-on-process", "1")
+
+    records = history(tmp_path)
+    logs = json.loads((tmp_path / "canopy-logs.json").read_text())
+    assert [record["step"] for record in records] == [0, 4]
+    assert records[-1]["metrics"]["canopy/monitor_errors"] == 1
+    assert [entry["canopy/monitor_errors"] for entry in logs] == [0, 1, 1]
+    assert "process 1: RuntimeError: simulated failure on process 1" in result.stderr
+    # Both processes finished training and sampled at all three points.
+    assert len(keys(tmp_path, 0)) == 3
+    assert len(keys(tmp_path, 1)) == 3
