@@ -78,7 +78,11 @@ class CanopyMonitorCallback(TrainerCallback):
     global random state as it found them, so training is not changed by monitoring.
     A failure inside a monitoring point, the semantic part included, is logged as a
     warning and counted in `canopy/monitor_errors`, and training goes on, unless
-    `strict=True`.
+    `strict=True`. Under several processes each samples a share of the prompts and
+    the main process logs the gathered figures, which are those of one process for
+    the same seed. The monitor's state is saved in checkpoints
+    (`TrainerState.stateful_callbacks["canopy_monitor"]` and a copy of the history in
+    the checkpoint folder), so a resumed run neither loses nor repeats a point.
 
     Usage:
     ```python
