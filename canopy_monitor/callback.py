@@ -111,7 +111,8 @@ class CanopyMonitorCallback(TrainerCallback):
         temperature, top_k, top_p (*optional*, default to `1.0`, `0`, `1.0`):
             Decoding policy; entropies are of the distribution after these filters.
         seed (`int`, *optional*, defaults to `0`):
-            Seed of the sampler's own random stream, the same at every point.
+            Seed of the sampler's random numbers, the same at every point, so every
+            rollout draws from the same uniforms at every point.
         use_chat_template (`bool`, *optional*, defaults to `True`):
             Apply the tokenizer's chat template when it has one.
         batch_size (`int`, *optional*):
@@ -627,12 +628,12 @@ class CanopyMonitorCallback(TrainerCallback):
                 f"(semantic {semantic_seconds:.1f} s)"
             )
         logger.info(
-            "canopy-monitor step %d: CE*=%.3f±%.3f %s, entropy rate=%.3f %s/token, mean length=%.1f, "
+            "canopy-monitor step %d: CE*=%.3f %s (standard error %.3f), entropy rate=%.3f %s/token, mean length=%.1f, "
             "rho(N, r)=%.3f, truncation=%.2f%s (%.1f s)",
             step,
             pooled.ce_star * factor,
-            pooled.ce_star_se * factor,
             self.units,
+            pooled.ce_star_se * factor,
             pooled.entropy_rate * factor,
             self.units,
             pooled.mean_length,

@@ -30,8 +30,9 @@ class SamplingConfig:
         top_p (`float`, *optional*, defaults to `1.0`):
             Nucleus filter; `1.0` disables it.
         seed (`int`, *optional*, defaults to `0`):
-            Seed of the sampler's own random stream, reused at every monitoring point.
-            From 0 to `2**63 - 1`.
+            Seed of the sampler's random numbers, reused at every monitoring point:
+            with a prompt's position in the list it seeds that prompt's draws
+            (`sampling.draws`). From 0 to `2**63 - 1`.
         use_chat_template (`bool`, *optional*, defaults to `True`):
             Format prompts with the tokenizer's chat template when it has one.
             `False` feeds plain text.

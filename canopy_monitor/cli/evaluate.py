@@ -62,7 +62,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="Sampling temperature (default: %(default)s).")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="Top-k filter; 0 disables it (default: %(default)s).")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="Nucleus filter; 1.0 disables it (default: %(default)s).")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="Seed of the sampler's random stream (default: %(default)s).")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="Seed of the sampler's random numbers (default: %(default)s).")
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -257,7 +257,7 @@ def summary_line(measurement, units: str) -> str:
         low, high = (bound * factor for bound in pooled.intervals["ce_star"])
         interval = f", {format_share(pooled.confidence)} interval over prompts [{low:.3f}, {high:.3f}]"
     return (
-        f"CE* = {pooled.ce_star * factor:.3f} ± {pooled.ce_star_se * factor:.3f} {units}{interval} "
+        f"CE* = {pooled.ce_star * factor:.3f} {units} (standard error {pooled.ce_star_se * factor:.3f}){interval} "
         f"(Monte Carlo {pooled.ce_star_mc * factor:.3f}), "
         f"entropy rate = {pooled.entropy_rate * factor:.3f} {units}/token, "
         f"mean length = {pooled.mean_length:.1f}, rho(N, r) = {pooled.rho_length_rate:.3f}, "
