@@ -529,6 +529,13 @@ class CanopyMonitorCallback(TrainerCallback):
         share = self.processes.share(len(self.prompts))
         prompts = [self.prompts[index] for index in share]
         try:
+            if self.processes.count > 1 and getattr(self.trainer, "is_fsdp_enabled", False):
+                # TODO: sample under FSDP with every process stepping in lockstep, as
+                # `generate(synced_gpus=True)` does.
+                raise NotImplementedError(
+                    "monitoring under FSDP with several processes is not supported yet: each process would wait "
+                    "for the forward passes of the others, which sample other prompts"
+                )
             rollouts = []
             if prompts:
                 with gathered_weights(self.trainer):

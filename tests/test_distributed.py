@@ -106,3 +106,36 @@ def test_failure_on_one_process_skips_point_on_all(tmp_path):
     # Both processes finished training and sampled at all three points.
     assert len(keys(tmp_path, 0)) == 3
     assert len(keys(tmp_path, 1)) == 3
+
+
+def test_fsdp_with_several_processes_skips_points(tmp_path, monkeypatch, caplog):
+    # FSDP cannot be run here, so the trainer claims it and a second process is
+    # simulated: the gather returns this process's outcome and an empty share.
+    import canopy_monitor.callback as callback_module
+    from canopy_monitor import CanopyMonitorCallback
+    from canopy_monitor.distributed import Processes
+
+    from test_callback import HELDOUT, make_trainer
+
+    from transformers import TrainerCallback
+
+    class ClaimFsdp(TrainerCallback):
+        # Set once the trainer has prepared the model, which it does without FSDP.
+        def on_train_begin(self, args, state, control, **kwargs):
+            trainer.is_fsdp_enabled = True
+
+    trainer = make_trainer(tmp_path, max_steps=2)
+    callback = CanopyMonitorCallback(trainer, prompts=HELDOUT[:2], every_n_steps=1, num_rollouts=2, max_new_tokens=4)
+    trainer.add_callback(ClaimFsdp())
+    trainer.add_callback(callback)
+    monkeypatch.setattr(callback_module.Processes, "of", classmethod(lambda cls, trainer: Processes(count=2, index=0)))
+    monkeypatch.setattr(callback_module, "gather_shares", lambda processes, outcome: [outcome, ("ok", [])])
+    monkeypatch.setattr(callback_module, "broadcast_from_main", lambda processes, value: value)
+
+    with caplog.at_level("WARNING"):
+        trainer.train()
+
+    assert trainer.state.global_step == 2
+    assert callback.num_errors == 3
+    assert caplog.text.count("not supported yet") == 1
+    assert "process 0: NotImplementedError" in caplog.text
