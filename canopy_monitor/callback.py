@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -259,6 +260,9 @@ class CanopyMonitorCallback(TrainerCallback):
         self._num_points = 0
         # Per-prompt estimates of the run's first point, in nats, for `canopy/change/...`.
         self._baseline: list[PromptEstimates] | None = None
+        # True when a resumed run had earlier points but cannot rebuild the first one:
+        # a later point must not become the baseline of `canopy/change/...`.
+        self._baseline_unavailable = False
 
     # Trainer events
 
@@ -266,7 +270,19 @@ class CanopyMonitorCallback(TrainerCallback):
         self._train_started = time.perf_counter()
         self.processes = Processes.of(self.trainer)
         if state.is_world_process_zero:
-            self._prepare_history(args, state)
+            try:
+                self._prepare_history(args, state)
+            except Exception as error:
+                if self.strict:
+                    raise
+                self._warn_once(
+                    "history",
+                    "canopy-monitor: could not read the monitoring history in %s (%s: %s); the run goes on "
+                    "without the points recorded before this session.",
+                    self.history_path,
+                    type(error).__name__,
+                    error,
+                )
         # Every process must agree on the points still to take, because each of them
         # samples a share of the prompts at every point.
         shared = broadcast_from_main(
@@ -297,7 +313,7 @@ class CanopyMonitorCallback(TrainerCallback):
             return
         try:
             HistoryWriter(checkpoint / CHECKPOINT_HISTORY).replace(read_history(self.history_path))
-        except OSError as error:
+        except (OSError, ValueError) as error:
             if self.strict:
                 raise
             self._warn_once(
@@ -346,6 +362,7 @@ class CanopyMonitorCallback(TrainerCallback):
             self._recorded_steps = set()
             self._failed_steps = set()
             self._baseline = None
+            self._baseline_unavailable = False
             self._num_points = 0
             return
 
@@ -360,7 +377,9 @@ class CanopyMonitorCallback(TrainerCallback):
             if lost:
                 logger.warning(
                     "canopy-monitor: the checkpoint at step %d lists monitoring points at steps %s that are "
-                    "missing from %s; they cannot be measured again, because the weights of those steps are gone.",
+                    "missing from %s. They cannot be measured again, because the weights of those steps are gone. "
+                    "If the run resumed from a checkpoint of another output directory, they are in that "
+                    "directory's canopy_monitor/history.jsonl.",
                     global_step,
                     lost,
                     self.history_path,
@@ -374,19 +393,28 @@ class CanopyMonitorCallback(TrainerCallback):
                 self.sampling = dataclasses.replace(self.sampling, batch_size=int(saved["batch_size"]))
         self._recorded_steps = recorded
         self._baseline = self._baseline_from_history(remaining)
+        self._baseline_unavailable = self._baseline is None and bool(recorded - self._failed_steps)
+        if self._baseline_unavailable and not remaining:
+            logger.warning(
+                "canopy-monitor: the first monitoring point is missing from %s; changes since the first point "
+                "will not be logged in this run.",
+                self.history_path,
+            )
 
     def _resumed_history(self, args, global_step: int) -> list[dict]:
         """Return the history up to the checkpoint's step, written back to the history file.
 
         The checkpoint's own copy of the history wins when it exists: it is exactly the
         history at the checkpoint, even if the history file was lost or went further.
+        The trainer does not tell callbacks which checkpoint it resumed from, so the copy
+        is looked for in `args.resume_from_checkpoint` and in `<output_dir>/checkpoint-<step>`.
         Otherwise the points after the checkpoint's step are dropped from the file,
         because the resumed run repeats those steps.
         """
         writer = HistoryWriter(self.history_path)
         before = read_history(self.history_path)
-        snapshot = Path(args.output_dir) / f"checkpoint-{global_step}" / CHECKPOINT_HISTORY
-        if snapshot.is_file():
+        snapshot = _checkpoint_history(args, global_step)
+        if snapshot is not None:
             remaining = [record for record in read_history(snapshot) if record["step"] <= global_step]
             writer.replace(remaining)
             source = str(snapshot)
@@ -426,6 +454,13 @@ class CanopyMonitorCallback(TrainerCallback):
                 self.history_path,
                 len(baseline),
                 len(self.prompts),
+            )
+            return None
+        if [values.get("prompt") for values in record["prompts"]] != [prompt.display for prompt in self.prompts]:
+            logger.warning(
+                "canopy-monitor: the prompts of the first monitoring point in %s differ from this run's prompts; "
+                "changes since the first point will not be logged in this run.",
+                self.history_path,
             )
             return None
         return baseline
@@ -476,7 +511,20 @@ class CanopyMonitorCallback(TrainerCallback):
             semantic_started = time.perf_counter()
             measurement = self._add_semantic(step, model, measurement)
             semantic_seconds = time.perf_counter() - semantic_started
-        self._publish(step, control, measurement, started, semantic_seconds)
+        try:
+            self._publish(step, control, measurement, started, semantic_seconds)
+        except Exception as error:
+            if self.strict:
+                raise
+            self.num_errors += 1
+            self._warn_once(
+                f"publish-{type(error).__name__}",
+                "canopy-monitor: could not log or write the monitoring point at step %d; training goes on. "
+                "Cause: %s: %s",
+                step,
+                type(error).__name__,
+                error,
+            )
         self._save_state(state)
 
     def _semantic_due(self, final: bool) -> bool:
@@ -537,8 +585,10 @@ class CanopyMonitorCallback(TrainerCallback):
                     "for the forward passes of the others, which sample other prompts"
                 )
             rollouts = []
-            if prompts:
-                with gathered_weights(self.trainer):
+            # Every process enters, because gathering ZeRO-3 weights is a collective
+            # call, also a process without prompts (more processes than prompts).
+            with gathered_weights(self.trainer):
+                if prompts:
                     # Fixed at the first point, so that the `generate` fallback draws
                     # the same random numbers at later points whatever memory is free.
                     self.sampling = resolve_batch_size(model, self.tokenizer, prompts, self.sampling)
@@ -589,7 +639,8 @@ class CanopyMonitorCallback(TrainerCallback):
         semantic = measurement.semantic
         change = None
         if self._baseline is None:
-            self._baseline = measurement.estimates
+            if not self._baseline_unavailable:
+                self._baseline = measurement.estimates
         else:
             change = paired_change(self._baseline, measurement.estimates, self.bootstrap)
         metrics = scalar_metrics(
@@ -737,6 +788,27 @@ class CanopyMonitorCallback(TrainerCallback):
             return
         self._reported_causes.add(cause)
         logger.warning(message, *args)
+
+
+def _checkpoint_history(args, global_step: int) -> Path | None:
+    """Return the history copy of the checkpoint at `global_step`, or `None` when none is found."""
+    folders = []
+    resumed_from = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(resumed_from, (str, os.PathLike)):
+        folders.append(Path(resumed_from))
+    folders.append(Path(args.output_dir) / f"checkpoint-{global_step}")
+    for folder in folders:
+        copy = folder / CHECKPOINT_HISTORY
+        if copy.is_file() and _checkpoint_step(folder) == global_step:
+            return copy
+    return None
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    try:
+        return json.loads((folder / "trainer_state.json").read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _unused_path(path: Path, stamp: str) -> Path:

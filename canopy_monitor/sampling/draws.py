@@ -17,10 +17,15 @@ import torch
 
 
 def prompt_seed(seed: int, key: int) -> int:
-    """Return the seed of the uniforms of the prompt with `key`, mixed from both with `numpy.random.SeedSequence`."""
+    """Return the seed of the uniforms of the prompt with `key`, mixed from both with `numpy.random.SeedSequence`.
+
+    The key is a spawn key, not a second entropy word: `SeedSequence([seed, key])` splits
+    a seed above 2**32 into 32-bit words and pads short entropy with zeros, so
+    `(5, 1)` and `(5 + 2**32, 0)` would share their uniforms.
+    """
     if seed < 0 or key < 0:
         raise ValueError(f"the sampling seed and the prompt key must be non-negative, got seed={seed}, key={key}.")
-    return int(np.random.SeedSequence([seed, key]).generate_state(1, dtype=np.uint64)[0])
+    return int(np.random.SeedSequence(seed, spawn_key=(key,)).generate_state(1, dtype=np.uint64)[0])
 
 
 def rollout_uniforms(seed: int, key: int, num_rollouts: int, max_new_tokens: int, device=None) -> torch.Tensor:

@@ -61,13 +61,15 @@ class HistoryWriter:
 def read_history(path: str | os.PathLike) -> list[dict]:
     """Read every monitoring point of a history file; a missing file is an empty history.
 
-    A line cut short by a crash, or one without an integer `step`, is skipped.
+    A line cut short by a crash, one that is not valid UTF-8, or one without an
+    integer `step` is skipped.
     """
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # Invalid bytes become U+FFFD, so the line fails to parse and is skipped.
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
