@@ -1,18 +1,22 @@
 """Training recipes: a YAML file of typed sections, overridable from the command line.
 
-A recipe names the model to fine-tune, its training set, the LoRA adapter, the monitor
-settings and the `trl.SFTConfig` arguments:
+A recipe names the model to fine-tune, the TRL trainer, its training set, the LoRA
+adapter (or `peft: null` to train all weights), the monitor settings and the arguments
+of the trainer's config class:
 
 ```yaml
 model: smollm2-135m-instruct
+trainer: sft               # sft, dpo, grpo or rloo
 dataset: {name: python-docstrings, num_examples: 960, seed: 0}
 peft: {r: 16, lora_alpha: 32, lora_dropout: 0.05}
 monitor: {prompts: heldout, every_n_steps: 30, num_rollouts: 8, max_new_tokens: 96, semantic_every_n_points: 1}
 training: {output_dir: runs/sft, max_steps: 120, learning_rate: 2.0e-4, report_to: [wandb]}
 ```
 
-Every field can be overridden with TRL-style arguments (see [`apply_overrides`]):
-`--max_steps 4`, `--monitor.seed 3`, `--use_cpu` (a boolean flag), `--report_to wandb,tensorboard`.
+GRPO and RLOO recipes also name their reward functions (`rewards: [exact_answer]`, see
+`canopy_monitor.rewards`). Every field can be overridden with TRL-style arguments (see
+[`apply_overrides`]): `--max_steps 4`, `--monitor.seed 3`, `--use_cpu` (a boolean flag),
+`--report_to wandb,tensorboard`, `--peft null`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import yaml
 
 from .estimators import check_confidence, check_running_positions, check_samples
 from .measurement import check_truncation_threshold
+from .rewards import REWARD_FUNCTIONS
 from .semantic import (
     DEFAULT_EMBEDDING_BATCH_SIZE,
     DEFAULT_EMBEDDING_MODEL,
@@ -44,6 +49,22 @@ class RecipeError(ValueError):
     """A recipe file or a command-line override that cannot be used."""
 
 
+# TRL trainer of each `trainer` value, and the config class its `training` section fills.
+TRAINERS: dict[str, tuple[str, str]] = {
+    "sft": ("SFTTrainer", "SFTConfig"),
+    "dpo": ("DPOTrainer", "DPOConfig"),
+    "grpo": ("GRPOTrainer", "GRPOConfig"),
+    "rloo": ("RLOOTrainer", "RLOOConfig"),
+}
+TrainerName = Literal["sft", "dpo", "grpo", "rloo"]
+DEFAULT_TRAINER = "sft"
+# Trainers that generate completions during training and score them with reward functions.
+REWARD_TRAINERS = ("grpo", "rloo")
+
+HELDOUT_PROMPTS = "heldout"
+DATASET_PROMPTS = "dataset"
+
+
 @dataclass
 class DatasetConfig:
     """Training set of a recipe.
@@ -52,8 +73,19 @@ class DatasetConfig:
         name (`str`, *optional*, defaults to `"python-docstrings"`):
             Built-in data set, built at run time (see `canopy_monitor.training_data`).
         path (`str` or `None`, *optional*, defaults to `None`):
-            JSONL file of the user's own examples, in TRL's conversational format (a
-            `messages` column) or prompt/completion format. When set, it replaces `name`.
+            JSONL file of the user's own examples in one of TRL's data set types
+            (`messages`, `prompt`/`completion`, `chosen`/`rejected` or `prompt` rows).
+            When set, it replaces `name`.
+        hub (`str` or `None`, *optional*, defaults to `None`):
+            Data set on the Hugging Face Hub (such as `openai/gsm8k`), or a local folder in
+            the same layout, loaded with `datasets.load_dataset`. When set, it replaces `name`.
+        config_name (`str` or `None`, *optional*, defaults to `None`):
+            Configuration (subset) of the `hub` data set, such as `main` for GSM8K.
+        split (`str`, *optional*, defaults to `"train"`):
+            Split of the `hub` data set.
+        format (`str` or `None`, *optional*, defaults to `None`):
+            Conversion of `hub` rows into one of TRL's data set types, such as `gsm8k`
+            (see `canopy_monitor.hub_datasets`). `None` uses the rows as they are.
         num_examples (`int` or `None`, *optional*, defaults to `None`):
             Number of examples to keep after a seeded shuffle. `None` keeps them all.
         seed (`int`, *optional*, defaults to `0`):
@@ -62,12 +94,30 @@ class DatasetConfig:
 
     name: str = "python-docstrings"
     path: str | None = None
+    hub: str | None = None
+    config_name: str | None = None
+    split: str = "train"
+    format: str | None = None
     num_examples: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.num_examples is not None and self.num_examples < 1:
             raise RecipeError(f"dataset.num_examples must be a positive integer or null, got {self.num_examples}.")
+        if self.path is not None and self.hub is not None:
+            raise RecipeError("dataset.path and dataset.hub are both set. Set one of them.")
+        if self.hub is None:
+            for key in ("config_name", "format"):
+                if getattr(self, key) is not None:
+                    raise RecipeError(f"dataset.{key} applies to a dataset.hub data set, but dataset.hub is not set.")
+
+    def source_label(self) -> str:
+        """Return the recipe field that names the data set and its value, for messages."""
+        if self.path is not None:
+            return f"dataset.path {self.path!r}"
+        if self.hub is not None:
+            return f"dataset.hub {self.hub!r}"
+        return f"dataset.name {self.name!r}"
 
 
 @dataclass
@@ -106,12 +156,14 @@ class MonitorConfig:
 
     Args:
         prompts (`str`, *optional*, defaults to `"heldout"`):
-            Held-out prompts: `"heldout"` for the packaged set, or a path to a prompts file.
+            Held-out prompts: `"heldout"` for the packaged set, `"dataset"` for prompts of
+            the training set's source that training does not use (this needs
+            `dataset.num_examples` and `monitor.num_prompts`), or a path to a prompts file.
         num_prompts (`int` or `None`, *optional*, defaults to `None`):
             Use only the first `num_prompts` prompts. `None` uses them all.
     """
 
-    prompts: str = "heldout"
+    prompts: str = HELDOUT_PROMPTS
     num_prompts: int | None = None
     every_n_steps: int = 50
     num_rollouts: int = 8
@@ -159,10 +211,11 @@ class MonitorConfig:
             raise RecipeError(str(error)) from None
 
 
-# Sections given by a dataclass. `training` is checked against `trl.SFTConfig` instead.
+# Sections given by a dataclass. `training` is checked against the trainer's config class instead.
 SECTIONS: dict[str, type] = {"dataset": DatasetConfig, "peft": LoraSettings, "monitor": MonitorConfig}
 TRAINING_SECTION = "training"
-TOP_LEVEL_FIELDS: dict[str, type] = {"model": str}
+PEFT_SECTION = "peft"
+TOP_LEVEL_FIELDS: dict[str, Any] = {"model": str, "trainer": TrainerName, "rewards": list[str]}
 
 
 @dataclass
@@ -171,18 +224,28 @@ class Recipe:
 
     Args:
         model (`str`):
-            Model alias or local path, as accepted by `canopy_monitor.models.load_model_and_tokenizer`.
+            Model alias, local path or Hub id, as accepted by
+            `canopy_monitor.models.load_model_and_tokenizer`.
+        trainer (`str`, *optional*, defaults to `"sft"`):
+            TRL trainer: `"sft"` (SFTTrainer), `"dpo"` (DPOTrainer), `"grpo"` (GRPOTrainer)
+            or `"rloo"` (RLOOTrainer).
+        rewards (`list[str]`, *optional*):
+            Reward functions of a GRPO or RLOO recipe, by their names in
+            `canopy_monitor.rewards.REWARD_FUNCTIONS`. Empty for the other trainers.
         dataset (`DatasetConfig`): training set.
-        peft (`LoraSettings`): LoRA adapter.
+        peft (`LoraSettings` or `None`): LoRA adapter, or `None` to train all weights.
         monitor (`MonitorConfig`): monitor settings.
         training (`dict[str, Any]`):
-            Keyword arguments of `trl.SFTConfig`, type-checked against its fields.
+            Keyword arguments of the trainer's config class (`trl.SFTConfig`, `DPOConfig`,
+            `GRPOConfig` or `RLOOConfig`), type-checked against its fields.
         source (`Path` or `None`): the file the recipe was read from.
     """
 
     model: str
+    trainer: str = DEFAULT_TRAINER
+    rewards: list[str] = field(default_factory=list)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    peft: LoraSettings = field(default_factory=LoraSettings)
+    peft: LoraSettings | None = field(default_factory=LoraSettings)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     training: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
@@ -191,8 +254,10 @@ class Recipe:
         """Return the recipe as plain data, in the layout of a recipe file."""
         return {
             "model": self.model,
+            "trainer": self.trainer,
+            "rewards": list(self.rewards),
             "dataset": dataclasses.asdict(self.dataset),
-            "peft": dataclasses.asdict(self.peft),
+            "peft": None if self.peft is None else dataclasses.asdict(self.peft),
             "monitor": dataclasses.asdict(self.monitor),
             "training": dict(self.training),
         }
@@ -245,7 +310,14 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
-    """Build a `Recipe` from plain data, checking every section, key and value type."""
+    """Build a `Recipe` from plain data, checking every section, key and value type.
+
+    Beyond the types, it checks that the trainer, the reward functions, the training
+    set and the monitor's prompt source fit together, so that a DPO recipe with a
+    supervised data set fails here and not once the model is loaded. A data set read
+    from a file or the Hub is checked when it is loaded, because its columns are
+    unknown until then.
+    """
     known = [*TOP_LEVEL_FIELDS, *SECTIONS, TRAINING_SECTION]
     for key in raw:
         if key not in known:
@@ -254,21 +326,62 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
         raise RecipeError("The recipe must name a model, e.g. `model: smollm2-135m-instruct`, or pass --model.")
 
     model = _check_value("model", raw["model"], str)
+    trainer = _check_value("trainer", raw.get("trainer", DEFAULT_TRAINER), TrainerName)
+    rewards = _check_value("rewards", raw.get("rewards") or [], list[str])
     sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    if PEFT_SECTION in raw and raw[PEFT_SECTION] is None:
+        sections[PEFT_SECTION] = None
 
     training = raw.get(TRAINING_SECTION) or {}
     if not isinstance(training, dict):
         raise RecipeError(f"Recipe section 'training' must be a mapping, got {type(training).__name__}.")
-    training_types = sft_config_field_types()
+    training_types = trainer_config_field_types(trainer)
+    config_name = TRAINERS[trainer][1]
     checked_training = {}
     for key, value in training.items():
         if key not in training_types:
-            raise RecipeError(
-                _unknown_message(f"key 'training.{key}' (not a trl.SFTConfig field)", key, list(training_types))
-            )
+            subject = f"key 'training.{key}' (not a trl.{config_name} field, which trainer {trainer!r} uses)"
+            raise RecipeError(_unknown_message(subject, key, list(training_types)))
         checked_training[key] = _check_value(f"training.{key}", value, training_types[key])
 
-    return Recipe(model=model, training=checked_training, **sections)
+    recipe = Recipe(model=model, trainer=trainer, rewards=rewards, training=checked_training, **sections)
+    _check_trainer_fit(recipe)
+    return recipe
+
+
+def _check_trainer_fit(recipe: Recipe) -> None:
+    """Raise `RecipeError` unless the trainer, rewards, data set and monitor prompts fit together."""
+    available = ", ".join(sorted(REWARD_FUNCTIONS))
+    if recipe.trainer in REWARD_TRAINERS:
+        if not recipe.rewards:
+            raise RecipeError(
+                f"trainer {recipe.trainer!r} needs reward functions: set `rewards`, e.g. `rewards: [exact_answer]`. "
+                f"Available: {available}."
+            )
+        for name in recipe.rewards:
+            if name not in REWARD_FUNCTIONS:
+                raise RecipeError(_unknown_message(f"reward function {name!r} in rewards", name, list(REWARD_FUNCTIONS)))
+    elif recipe.rewards:
+        raise RecipeError(
+            f"rewards is set, but trainer {recipe.trainer!r} uses no reward functions. Only "
+            f"{' and '.join(REWARD_TRAINERS)} do: remove `rewards` or change `trainer`."
+        )
+
+    if recipe.monitor.prompts == DATASET_PROMPTS:
+        if recipe.monitor.num_prompts is None:
+            raise RecipeError("monitor.prompts 'dataset' needs monitor.num_prompts, the number of held-out prompts.")
+        if recipe.dataset.num_examples is None:
+            raise RecipeError(
+                "monitor.prompts 'dataset' takes prompts that training does not use, so it needs "
+                "dataset.num_examples below the size of the data set."
+            )
+
+    if recipe.dataset.path is None and recipe.dataset.hub is None:
+        # A built-in data set's columns are known without building it. The import is
+        # here because training_data imports this module.
+        from .training_data import check_builtin_dataset
+
+        check_builtin_dataset(recipe.dataset.name, recipe.trainer, recipe.rewards)
 
 
 def _build_section(name: str, cls: type, values: Any) -> Any:
@@ -293,11 +406,16 @@ def dataclass_field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def sft_config_field_types() -> dict[str, Any]:
-    """Return the type annotation of each `trl.SFTConfig` field, by field name."""
-    from trl import SFTConfig
+def trainer_config_class(trainer: str) -> type:
+    """Return the TRL config class of a trainer name: `trl.SFTConfig` for `"sft"`, and so on."""
+    import trl
 
-    return dataclass_field_types(SFTConfig)
+    return getattr(trl, TRAINERS[trainer][1])
+
+
+def trainer_config_field_types(trainer: str) -> dict[str, Any]:
+    """Return the type annotation of each field of the trainer's TRL config class, by field name."""
+    return dataclass_field_types(trainer_config_class(trainer))
 
 
 # Overrides
@@ -314,14 +432,17 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     - `--flag` with no value sets a boolean field to true; `--flag false` clears it.
     - Values are converted to the field's type. A list is written comma-separated
       (`--target_modules q_proj,v_proj`), and `null` sets an optional field to `None`.
-    - `training` fields are those of `trl.SFTConfig`.
+    - `--peft null` trains all weights instead of a LoRA adapter.
+    - `training` fields are those of the trainer's config class (`trl.SFTConfig` for
+      `trainer: sft`, `trl.DPOConfig` for `dpo`, ...). The trainer is the one that
+      `--trainer` sets, else the recipe's.
 
     Raises:
         RecipeError: an argument is not an option, names no field or more than one, or
             its value cannot be converted. Unknown names come with close matches.
     """
     result = {key: (dict(value) if isinstance(value, dict) else value) for key, value in raw.items()}
-    index = _override_index()
+    index = _override_index(_overridden_trainer(raw, overrides))
 
     position = 0
     while position < len(overrides):
@@ -356,14 +477,34 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return result
 
 
-def _override_index() -> dict[str, list[tuple[str | None, str, Any]]]:
+def _overridden_trainer(raw: dict[str, Any], overrides: Sequence[str]) -> str:
+    """Return the trainer that the recipe data and the overrides name, the last `--trainer` winning.
+
+    An invalid name gives the default trainer here: the override's conversion or the
+    recipe's type check rejects it with a message that names the input.
+    """
+    trainer = raw.get("trainer", DEFAULT_TRAINER)
+    for position, argument in enumerate(overrides):
+        name, has_equals, text = argument.partition("=")
+        if name != "--trainer":
+            continue
+        if has_equals:
+            trainer = text
+        elif position + 1 < len(overrides):
+            trainer = overrides[position + 1]
+    return trainer if trainer in TRAINERS else DEFAULT_TRAINER
+
+
+def _override_index(trainer: str) -> dict[str, list[tuple[str | None, str, Any]]]:
     """Map every accepted override name, bare and dotted, to the fields it may mean."""
     index: dict[str, list[tuple[str | None, str, Any]]] = {}
     for key, field_type in TOP_LEVEL_FIELDS.items():
         index.setdefault(key, []).append((None, key, field_type))
+    # `--peft null` replaces the whole section, so it is the one override that takes only null.
+    index.setdefault(PEFT_SECTION, []).append((None, PEFT_SECTION, type(None)))
 
     all_sections = {name: dataclass_field_types(cls) for name, cls in SECTIONS.items()}
-    all_sections[TRAINING_SECTION] = sft_config_field_types()
+    all_sections[TRAINING_SECTION] = trainer_config_field_types(trainer)
     for section, field_types in all_sections.items():
         for key, field_type in field_types.items():
             entry = (section, key, field_type)

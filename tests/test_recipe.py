@@ -373,3 +373,233 @@ def test_override_estimation_settings():
 def test_invalid_estimation_setting_raises(override, expected):
     with pytest.raises(RecipeError, match=expected):
         load_recipe(RECIPES_DIR / "sft-smollm2-cpu.yaml", override)
+
+
+# Trainers
+
+
+def test_trainer_defaults_to_sft(recipe_file):
+    recipe = load_recipe(recipe_file)
+
+    assert recipe.trainer == "sft"
+    assert recipe.rewards == []
+
+
+@pytest.mark.parametrize(
+    ("trainer", "dataset", "extra", "config_key"),
+    [
+        ("dpo", "python-docstrings-preferences", "", "beta: 0.2"),
+        ("grpo", "arithmetic-word-problems", "rewards: [exact_answer]\n", "num_generations: 4"),
+        ("rloo", "arithmetic-word-problems", "rewards: [exact_answer]\n", "num_generations: 4"),
+    ],
+)
+def test_trainer_training_checked_against_its_config(tmp_path, trainer, dataset, extra, config_key):
+    text = f"model: m\ntrainer: {trainer}\n{extra}dataset: {{name: {dataset}}}\ntraining: {{{config_key}}}\n"
+
+    recipe = load_recipe(write(tmp_path, text))
+
+    key, value = config_key.split(": ")
+    assert recipe.trainer == trainer
+    assert recipe.training[key] == float(value) if "." in value else int(value)
+
+
+def test_trainer_field_of_other_config_raises(tmp_path):
+    with pytest.raises(RecipeError, match=r"training.beta' \(not a trl.SFTConfig field, which trainer 'sft' uses\)"):
+        load_recipe(write(tmp_path, "model: m\ntraining: {beta: 0.1}\n"))
+    with pytest.raises(RecipeError, match=r"training.num_generations' \(not a trl.DPOConfig field"):
+        load_recipe(
+            write(tmp_path, "model: m\ntrainer: dpo\ndataset: {name: python-docstrings-preferences}\ntraining: {num_generations: 4}\n")
+        )
+
+
+def test_trainer_invalid_raises(tmp_path):
+    with pytest.raises(RecipeError, match="trainer must be 'sft' or 'dpo' or 'grpo' or 'rloo', got 'ppo'"):
+        load_recipe(write(tmp_path, "model: m\ntrainer: ppo\n"))
+
+
+def test_dpo_with_sft_data_raises(tmp_path):
+    text = "model: m\ntrainer: dpo\ndataset: {name: python-docstrings}\n"
+
+    with pytest.raises(RecipeError, match="trainer 'dpo' needs a preference data set.*dataset.name 'python-docstrings'"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_grpo_with_preference_data_raises(tmp_path):
+    text = "model: m\ntrainer: grpo\nrewards: [exact_answer]\ndataset: {name: python-docstrings-preferences}\n"
+
+    with pytest.raises(RecipeError, match="'exact_answer' reads the column\\(s\\) `answer`.*python-docstrings-preferences"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_sft_with_arithmetic_data_raises(tmp_path):
+    text = "model: m\ndataset: {name: arithmetic-word-problems}\n"
+
+    with pytest.raises(RecipeError, match="trainer 'sft' needs a language modeling data set.*python-docstrings\\.$"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_unknown_dataset_name_raises(tmp_path):
+    with pytest.raises(RecipeError, match="Unknown dataset.name 'wiki'. Built-in data sets: arithmetic-word-problems"):
+        load_recipe(write(tmp_path, "model: m\ndataset: {name: wiki}\n"))
+
+
+def test_file_and_hub_data_checked_later(tmp_path):
+    recipe = load_recipe(write(tmp_path, "model: m\ntrainer: dpo\ndataset: {hub: some/preferences}\n"))
+
+    assert recipe.dataset.hub == "some/preferences"
+    assert recipe.dataset.split == "train"
+
+
+# Rewards
+
+
+def test_rewards_loaded_for_grpo(tmp_path):
+    text = "model: m\ntrainer: grpo\nrewards: [exact_answer]\ndataset: {name: arithmetic-word-problems}\n"
+
+    recipe = load_recipe(write(tmp_path, text))
+
+    assert recipe.rewards == ["exact_answer"]
+
+
+def test_rewards_missing_for_grpo_raises(tmp_path):
+    with pytest.raises(RecipeError, match="trainer 'grpo' needs reward functions: set `rewards`.*Available: exact_answer"):
+        load_recipe(write(tmp_path, "model: m\ntrainer: grpo\ndataset: {name: arithmetic-word-problems}\n"))
+
+
+def test_rewards_unknown_suggests(tmp_path):
+    text = "model: m\ntrainer: rloo\nrewards: [exact_answers]\ndataset: {name: arithmetic-word-problems}\n"
+
+    with pytest.raises(RecipeError, match="Unknown reward function 'exact_answers' in rewards. Did you mean exact_answer"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_rewards_with_sft_raises(tmp_path):
+    with pytest.raises(RecipeError, match="rewards is set, but trainer 'sft' uses no reward functions"):
+        load_recipe(write(tmp_path, "model: m\nrewards: [exact_answer]\n"))
+
+
+def test_rewards_wrong_type_raises(tmp_path):
+    with pytest.raises(RecipeError, match="rewards must be list"):
+        load_recipe(write(tmp_path, "model: m\ntrainer: grpo\nrewards: exact_answer\n"))
+
+
+# Full fine-tuning and data set sources
+
+
+def test_peft_null_trains_all_weights(tmp_path):
+    recipe = load_recipe(write(tmp_path, "model: m\npeft: null\n"))
+
+    assert recipe.peft is None
+    assert recipe.to_dict()["peft"] is None
+    assert recipe_from_dict(recipe.to_dict()).peft is None
+
+
+def test_peft_missing_keeps_lora(tmp_path):
+    assert load_recipe(write(tmp_path, "model: m\n")).peft == LoraSettings()
+
+
+def test_override_peft_null(recipe_file):
+    recipe = load_recipe(recipe_file, ["--peft", "null"])
+
+    assert recipe.peft is None
+
+
+def test_override_peft_non_null_raises(recipe_file):
+    with pytest.raises(RecipeError, match="Invalid value for --peft: 'lora' is not null"):
+        load_recipe(recipe_file, ["--peft", "lora"])
+
+
+def test_override_trainer_selects_config(recipe_file):
+    recipe = load_recipe(
+        recipe_file, ["--trainer", "dpo", "--name", "python-docstrings-preferences", "--beta", "0.3", "--max_steps", "2"]
+    )
+
+    assert recipe.trainer == "dpo"
+    assert recipe.training["beta"] == 0.3
+    assert recipe.training["max_steps"] == 2
+
+
+def test_override_config_field_of_other_trainer_raises(recipe_file):
+    with pytest.raises(RecipeError, match="Unknown override --num_generations"):
+        load_recipe(recipe_file, ["--num_generations", "4"])
+
+
+def test_override_invalid_trainer_raises(recipe_file):
+    with pytest.raises(RecipeError, match="Invalid value for --trainer: 'ppo' is not 'sft' or 'dpo' or 'grpo' or 'rloo'"):
+        load_recipe(recipe_file, ["--trainer=ppo"])
+
+
+def test_override_rewards_list(tmp_path):
+    path = write(tmp_path, "model: m\ntrainer: grpo\nrewards: [nope]\ndataset: {name: arithmetic-word-problems}\n")
+
+    recipe = load_recipe(path, ["--rewards", "exact_answer"])
+
+    assert recipe.rewards == ["exact_answer"]
+
+
+def test_dataset_hub_fields(tmp_path):
+    text = "model: m\ndataset: {hub: openai/gsm8k, config_name: main, split: test, format: gsm8k}\n"
+
+    dataset = load_recipe(write(tmp_path, text)).dataset
+
+    assert (dataset.hub, dataset.config_name, dataset.split, dataset.format) == ("openai/gsm8k", "main", "test", "gsm8k")
+    assert dataset.source_label() == "dataset.hub 'openai/gsm8k'"
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("{path: a.jsonl, hub: b/c}", "dataset.path and dataset.hub are both set"),
+        ("{config_name: main}", "dataset.config_name applies to a dataset.hub data set"),
+        ("{path: a.jsonl, format: gsm8k}", "dataset.format applies to a dataset.hub data set"),
+    ],
+)
+def test_dataset_source_conflicts_raise(tmp_path, section, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, f"model: m\ndataset: {section}\n"))
+
+
+# Held-out prompts from the training source
+
+
+def test_monitor_prompts_dataset_accepted(tmp_path):
+    text = "model: m\ndataset: {num_examples: 100}\nmonitor: {prompts: dataset, num_prompts: 4}\n"
+
+    assert load_recipe(write(tmp_path, text)).monitor.prompts == "dataset"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("dataset: {num_examples: 100}\nmonitor: {prompts: dataset}\n", "needs monitor.num_prompts"),
+        ("monitor: {prompts: dataset, num_prompts: 4}\n", "needs dataset.num_examples"),
+    ],
+)
+def test_monitor_prompts_dataset_incomplete_raises(tmp_path, text, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, "model: m\n" + text))
+
+
+# Every shipped recipe
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda path: path.name)
+def test_shipped_recipe_validates(path):
+    from canopy_monitor.recipe import trainer_config_class
+
+    recipe = load_recipe(path)
+
+    assert recipe.training["output_dir"] == f"runs/{path.stem}"
+    assert recipe.training["run_name"] == path.stem
+    assert recipe.training["report_to"] == ["wandb"]
+    assert recipe.trainer in path.stem.split("-")[0]
+    # The config class runs its own checks, such as GRPO's batch divisible by num_generations.
+    # GPU recipes set bf16, which the config accepts on a machine without a GPU only with use_cpu.
+    config = trainer_config_class(recipe.trainer)(**{**recipe.training, "use_cpu": True})
+    assert config.max_steps > 0
+
+
+def test_shipped_recipes_cover_trainers():
+    trainers = {load_recipe(path).trainer for path in RECIPES_DIR.glob("*.yaml")}
+
+    assert {"sft", "dpo", "grpo"} <= trainers

@@ -1,4 +1,4 @@
-"""`canopy-monitor train`: LoRA fine-tuning with TRL's `SFTTrainer`, monitored by `CanopyMonitorCallback`."""
+"""`canopy-monitor train`: fine-tuning with a TRL trainer (SFT, DPO, GRPO or RLOO), monitored by `CanopyMonitorCallback`."""
 
 from __future__ import annotations
 
@@ -19,29 +19,48 @@ from canopy_monitor.callback import CanopyMonitorCallback
 from canopy_monitor.config import SamplingConfig
 from canopy_monitor.models import load_model_and_tokenizer
 from canopy_monitor.prompts import load_prompts
-from canopy_monitor.recipe import Recipe, RecipeError, load_recipe
+from canopy_monitor.recipe import (
+    DATASET_PROMPTS,
+    HELDOUT_PROMPTS,
+    REWARD_TRAINERS,
+    TRAINERS,
+    Recipe,
+    RecipeError,
+    load_recipe,
+    trainer_config_class,
+)
+from canopy_monitor.rewards import get_reward_functions
 from canopy_monitor.semantic import check_embedding_packages
 from canopy_monitor.sinks import read_history
 from canopy_monitor.sinks.units import is_entropy_valued
-from canopy_monitor.training_data import build_training_dataset
+from canopy_monitor.training_data import load_training_data
 
 logger = logging.getLogger(__name__)
 
-HELDOUT_PROMPTS = "heldout"
 WANDB_DEFAULT_PROJECT = "canopy-monitor"
 WANDB_HOST = "api.wandb.ai"
 SUMMARY_METRICS = ("canopy/ce_star", "canopy/rho_length_rate")
 # Shown in the closing message only when the run measured them.
 SEMANTIC_SUMMARY_METRICS = ("canopy/semantic/diversity", "canopy/semantic/rho_rate_diversity_given_length")
+# Mean reward of the generated completions in the trainer's log (GRPO and RLOO).
+REWARD_LOG_KEY = "reward"
 
 OVERRIDE_HELP = """\
+The recipe's `trainer` field chooses the TRL trainer: sft (SFTTrainer, the default),
+dpo (DPOTrainer), grpo (GRPOTrainer) or rloo (RLOOTrainer). GRPO and RLOO recipes name
+their reward functions in `rewards`, e.g. `rewards: [exact_answer]`.
+
 Any recipe field can be overridden after the recipe path, as in TRL's scripts:
   --max_steps 4 --output_dir runs/x    a bare field name, looked up across all sections
   --monitor.seed 3                     section.field, needed when a name is in several sections
   --use_cpu                            a boolean flag alone sets it to true
   --report_to wandb,tensorboard        lists are comma-separated
   --num_examples null                  null sets an optional field to None
-Sections: model, dataset, peft, monitor, and training (every trl.SFTConfig field).
+  --peft null                          trains all weights instead of a LoRA adapter
+  --trainer dpo                        changes the trainer (the data set must suit it)
+Top-level fields: model, trainer, rewards. Sections: dataset, peft, monitor, and
+training, whose fields are those of the trainer's config class (trl.SFTConfig,
+DPOConfig, GRPOConfig or RLOOConfig).
 
 W&B: with `wandb` in report_to and no W&B login (no WANDB_MODE, no WANDB_API_KEY, no
 api.wandb.ai entry in ~/.netrc), the run is logged offline. W&B files go under the
@@ -53,9 +72,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `train` subcommand to a CLI's subparsers and return its parser."""
     parser = subparsers.add_parser(
         "train",
-        help="Fine-tune a model with LoRA (TRL SFTTrainer) while monitoring canopy entropy.",
-        description="Fine-tune a model with LoRA using TRL's SFTTrainer and monitor its canopy entropy "
-        "on held-out prompts, as a recipe file describes.",
+        help="Fine-tune a model with a TRL trainer (SFT, DPO, GRPO or RLOO) while monitoring canopy entropy.",
+        description="Fine-tune a model with TRL's SFT, DPO, GRPO or RLOO trainer (the recipe's `trainer` "
+        "field), with a LoRA adapter or all weights, and monitor its canopy entropy on held-out prompts, "
+        "as a recipe file describes.",
         epilog=OVERRIDE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -67,8 +87,8 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
     """Fine-tune the model a recipe describes, print where the results are and return the exit code.
 
     Every input is checked before training starts: the recipe and its overrides, the
-    `SFTConfig` arguments, the monitor settings, the prompts, the training set and the
-    model.
+    arguments of the trainer's config class, the monitor settings, the prompts, the
+    training set, its fit to the trainer and the reward functions, and the model.
 
     Raises:
         RecipeError, PromptError, ModelNotFoundError, ValueError: an input is invalid.
@@ -77,17 +97,26 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
 
     # Check the cheap inputs first, because loading the model takes far longer.
     SamplingConfig(**_sampling_settings(recipe))
-    prompts = load_prompts(resolve_prompts_source(recipe.monitor.prompts), limit=recipe.monitor.num_prompts)
+    prompts_from_dataset = recipe.monitor.prompts == DATASET_PROMPTS
+    if not prompts_from_dataset:
+        prompts = load_prompts(resolve_prompts_source(recipe.monitor.prompts), limit=recipe.monitor.num_prompts)
     if recipe.monitor.semantic_every_n_points > 0:
         check_embedding_packages(recipe.monitor.embedding_model)
 
-    train_dataset = build_training_dataset(recipe.dataset)
+    data = load_training_data(
+        recipe.dataset,
+        trainer=recipe.trainer,
+        rewards=recipe.rewards,
+        num_heldout_prompts=recipe.monitor.num_prompts if prompts_from_dataset else 0,
+    )
+    if prompts_from_dataset:
+        prompts = load_prompts(data.heldout_prompts)
 
     training_args = _build_training_args(recipe)
     _check_output_dir(Path(training_args.output_dir))
 
     model, tokenizer = load_model_and_tokenizer(recipe.model)
-    trainer = _build_trainer(recipe, training_args, model, tokenizer, train_dataset)
+    trainer = _build_trainer(recipe, training_args, model, tokenizer, data.train_dataset)
 
     monitor = CanopyMonitorCallback(
         trainer,
@@ -120,9 +149,15 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
     # CLI shows it with its traceback.
     args.training_started = True
     trainer.train()
+    # trainer_state.json keeps the training log, the rewards of GRPO and RLOO included,
+    # also when the recipe saves no checkpoint.
+    trainer.save_state()
 
     wandb_run_dir = _finish_wandb_run()
-    print(format_summary(monitor.history_path, wandb_run_dir, wandb_offline))
+    summary = format_summary(monitor.history_path, wandb_run_dir, wandb_offline)
+    if recipe.trainer in REWARD_TRAINERS:
+        summary += "\n" + format_reward_summary(trainer.state.log_history)
+    print(summary)
     return 0
 
 
@@ -193,6 +228,22 @@ def format_summary(history_path: Path, wandb_run_dir: Path | None, wandb_offline
     return "\n".join(lines)
 
 
+def format_reward_summary(log_history: list[dict[str, Any]]) -> str:
+    """Return a line saying how the mean reward moved from the first to the last training log entry.
+
+    Each entry of a GRPO or RLOO log averages the rewards since the entry before, over
+    `logging_steps` steps.
+    """
+    entries = [entry for entry in log_history if REWARD_LOG_KEY in entry]
+    if not entries:
+        return "reward: not logged (set training.logging_steps to at most max_steps)."
+    first, last = entries[0], entries[-1]
+    return (
+        f"reward: {first[REWARD_LOG_KEY]:.3f} at step {first.get('step')} -> "
+        f"{last[REWARD_LOG_KEY]:.3f} at step {last.get('step')} (mean over each logging window)"
+    )
+
+
 def _format_metric(record: dict[str, Any], name: str) -> str:
     metrics = record.get("metrics", {})
     if name not in metrics:
@@ -219,14 +270,13 @@ def _sampling_settings(recipe: Recipe) -> dict[str, Any]:
 
 
 def _build_training_args(recipe: Recipe) -> Any:
-    from trl import SFTConfig
-
+    config_class = trainer_config_class(recipe.trainer)
     if "output_dir" not in recipe.training:
         raise RecipeError("The recipe must set training.output_dir (or pass --output_dir).")
     try:
-        return SFTConfig(**recipe.training)
+        return config_class(**recipe.training)
     except (TypeError, ValueError) as error:
-        raise RecipeError(f"Invalid training settings: {error}") from None
+        raise RecipeError(f"Invalid training settings for trl.{config_class.__name__}: {error}") from None
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -242,22 +292,37 @@ def _check_output_dir(output_dir: Path) -> None:
 
 
 def _build_trainer(recipe: Recipe, training_args: Any, model: Any, tokenizer: Any, train_dataset: Any) -> Any:
-    from peft import LoraConfig
-    from trl import SFTTrainer
+    """Build the recipe's TRL trainer around an already loaded model.
 
-    peft_config = LoraConfig(
-        r=recipe.peft.r,
-        lora_alpha=recipe.peft.lora_alpha,
-        lora_dropout=recipe.peft.lora_dropout,
-        target_modules=recipe.peft.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return SFTTrainer(
+    Without a `peft` section all weights are trained, and TRL's DPO trainer (1.16) loads
+    the model a second time from the same path as its frozen reference. With LoRA the
+    reference is the model with the adapter disabled.
+    """
+    import trl
+
+    peft_config = None
+    if recipe.peft is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=recipe.peft.r,
+            lora_alpha=recipe.peft.lora_alpha,
+            lora_dropout=recipe.peft.lora_dropout,
+            target_modules=recipe.peft.target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+    trainer_class = getattr(trl, TRAINERS[recipe.trainer][0])
+    extra = {}
+    if recipe.trainer in REWARD_TRAINERS:
+        extra["reward_funcs"] = get_reward_functions(recipe.rewards)
+    return trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        **extra,
     )
 
 

@@ -780,7 +780,7 @@ def test_callback_logs_reasons_of_completed_figures(tmp_path, caplog):
     trainer = make_trainer(tmp_path)
     # With this seed some prompts have both completed and truncated rollouts at cap 8.
     callback = CanopyMonitorCallback(
-        trainer, prompts=HELDOUT, every_n_steps=1, num_rollouts=4, max_new_tokens=8, bootstrap_samples=20, seed=5
+        trainer, prompts=HELDOUT, every_n_steps=1, num_rollouts=4, max_new_tokens=8, bootstrap_samples=20, seed=1
     )
     trainer.add_callback(callback)
 
