@@ -154,6 +154,10 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
     trainer.save_state()
 
     wandb_run_dir = _finish_wandb_run()
+    # Under `accelerate launch` every process runs this function, but only the main
+    # process wrote the history, so only it prints where the results are.
+    if not trainer.is_world_process_zero():
+        return 0
     summary = format_summary(monitor.history_path, wandb_run_dir, wandb_offline)
     if recipe.trainer in REWARD_TRAINERS:
         summary += "\n" + format_reward_summary(trainer.state.log_history)
