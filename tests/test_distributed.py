@@ -2,37 +2,18 @@
 
 import json
 import math
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from process_launch import launch
+
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run(output_dir: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
-    if processes == 1:
-        command = [sys.executable, str(SCRIPT), str(output_dir), *extra]
-    else:
-        # accelerate launches CPU processes with torchrun only through `--multi_gpu`;
-        # without a GPU each process then trains on the CPU with the gloo backend.
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-            str(SCRIPT), str(output_dir), *extra,
-        ]  # fmt: skip
-    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    result = launch(SCRIPT, output_dir, processes, *extra, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

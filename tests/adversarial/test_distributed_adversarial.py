@@ -7,10 +7,7 @@ must leave training, and its losses, as they would be without the monitor.
 """
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from transformers import TrainerCallback
 import canopy_monitor.callback as callback_module
 from canopy_monitor import CanopyMonitorCallback
 
+from process_launch import launch as launch_script
 from test_callback import HELDOUT, make_trainer, read_history, training_losses
 from wandb_records import history_rows as wandb_history_rows
 
@@ -28,25 +26,11 @@ LAUNCH_TIMEOUT_SECONDS = 240
 TIMING = ("canopy/monitor_seconds", "canopy/monitor_time_share", "canopy/semantic/seconds")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def launch(output_dir: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     """Run the training script on `processes` CPU processes; a hang raises `subprocess.TimeoutExpired`."""
-    if processes == 1:
-        command = [sys.executable, str(SCRIPT), str(output_dir), *extra]
-    else:
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-            str(SCRIPT), str(output_dir), *extra,
-        ]  # fmt: skip
-    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WANDB_DIR": str(output_dir)}
-    return subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_SECONDS, env=environment)
+    return launch_script(
+        SCRIPT, output_dir, processes, *extra, timeout=LAUNCH_TIMEOUT_SECONDS, environment={"WANDB_DIR": str(output_dir)}
+    )
 
 
 def launch_ok(output_dir: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
