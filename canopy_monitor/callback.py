@@ -193,6 +193,7 @@ class CanopyMonitorCallback(TrainerCallback):
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
         self.trainer = trainer
+        self.processes = Processes.of(trainer)
         self.every_n_steps = every_n_steps
         self.sampling = SamplingConfig(
             num_rollouts=num_rollouts,
@@ -245,6 +246,15 @@ class CanopyMonitorCallback(TrainerCallback):
             context_length=model_context_length(trainer.model),
         )
 
+        launched = _launched_processes()
+        if launched > 1 and self.processes.count == 1:
+            logger.warning(
+                "canopy-monitor: WORLD_SIZE is %d but the trainer runs on one process, so every process trains and "
+                "monitors alone and writes the same history. Without a GPU, pass use_cpu=True to the training "
+                "arguments (and launch with `accelerate launch --multi_gpu`).",
+                launched,
+            )
+
         self.history_path = Path(trainer.args.output_dir) / "canopy_monitor" / "history.jsonl"
         self.history: list[dict] = []
         self.num_errors = 0
@@ -254,7 +264,6 @@ class CanopyMonitorCallback(TrainerCallback):
         self._recorded_steps: set[int] = set()
         self._failed_steps: set[int] = set()
         self._reported_causes: set[str] = set()
-        self.processes = Processes.of(trainer)
         # Monitoring points of the run so far, earlier sessions of a resumed run
         # included; the semantic schedule counts them.
         self._num_points = 0
@@ -788,6 +797,14 @@ class CanopyMonitorCallback(TrainerCallback):
             return
         self._reported_causes.add(cause)
         logger.warning(message, *args)
+
+
+def _launched_processes() -> int:
+    """Return the process count the launcher set in `WORLD_SIZE`, 1 when it is unset or invalid."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 def _checkpoint_history(args, global_step: int) -> Path | None:

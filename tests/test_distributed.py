@@ -120,3 +120,18 @@ def test_fsdp_with_several_processes_skips_points(tmp_path, monkeypatch, caplog)
     assert callback.num_errors == 3
     assert caplog.text.count("not supported yet") == 1
     assert "process 0: NotImplementedError" in caplog.text
+
+
+def test_one_process_trainer_under_launcher_warns(tmp_path, monkeypatch, caplog):
+    from canopy_monitor import CanopyMonitorCallback
+
+    from test_callback import HELDOUT, make_trainer
+
+    trainer = make_trainer(tmp_path, max_steps=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    with caplog.at_level("WARNING"):
+        CanopyMonitorCallback(trainer, prompts=HELDOUT[:1], num_rollouts=2, max_new_tokens=4)
+
+    assert "WORLD_SIZE is 2 but the trainer runs on one process" in caplog.text
+    assert "use_cpu=True" in caplog.text
