@@ -277,7 +277,6 @@ class CanopyMonitorCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._train_started = time.perf_counter()
-        self.processes = Processes.of(self.trainer)
         if state.is_world_process_zero:
             try:
                 self._prepare_history(args, state)
@@ -481,10 +480,17 @@ class CanopyMonitorCallback(TrainerCallback):
         if step in self._recorded_steps:
             return
         self._recorded_steps.add(step)
-        main = state.is_world_process_zero
         semantic_due = self._semantic_due(final)
         self._num_points += 1
+        try:
+            self._take_point(state, control, model, semantic_due)
+        finally:
+            # Every checkpoint saved after this step carries the point, taken or failed.
+            self._save_state(state)
 
+    def _take_point(self, state, control, model, semantic_due: bool) -> None:
+        step = state.global_step
+        main = state.is_world_process_zero
         started = time.perf_counter()
         try:
             measurement = self._measure(model, main)
@@ -492,7 +498,6 @@ class CanopyMonitorCallback(TrainerCallback):
             self.monitor_seconds_total += time.perf_counter() - started
             self.num_errors += 1
             self._failed_steps.add(step)
-            self._save_state(state)
             if self.strict:
                 raise
             if not main:
@@ -513,7 +518,6 @@ class CanopyMonitorCallback(TrainerCallback):
 
         if not main:
             self.monitor_seconds_total += time.perf_counter() - started
-            self._save_state(state)
             return
         semantic_seconds = None
         if semantic_due:
@@ -534,7 +538,6 @@ class CanopyMonitorCallback(TrainerCallback):
                 type(error).__name__,
                 error,
             )
-        self._save_state(state)
 
     def _semantic_due(self, final: bool) -> bool:
         """Tell whether the next monitoring point measures semantic diversity."""

@@ -105,11 +105,11 @@ def test_fsdp_with_several_processes_skips_points(tmp_path, monkeypatch, caplog)
         def on_train_begin(self, args, state, control, **kwargs):
             trainer.is_fsdp_enabled = True
 
+    monkeypatch.setattr(callback_module.Processes, "of", classmethod(lambda cls, trainer: Processes(count=2, index=0)))
     trainer = make_trainer(tmp_path, max_steps=2)
     callback = CanopyMonitorCallback(trainer, prompts=HELDOUT[:2], every_n_steps=1, num_rollouts=2, max_new_tokens=4)
     trainer.add_callback(ClaimFsdp())
     trainer.add_callback(callback)
-    monkeypatch.setattr(callback_module.Processes, "of", classmethod(lambda cls, trainer: Processes(count=2, index=0)))
     monkeypatch.setattr(callback_module, "gather_shares", lambda processes, outcome: [outcome, ("ok", [])])
     monkeypatch.setattr(callback_module, "broadcast_from_main", lambda processes, value: value)
 
