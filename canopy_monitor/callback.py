@@ -12,6 +12,7 @@ from typing import Sequence
 
 from transformers import Trainer, TrainerCallback
 
+from .alerts import ALERT_FIGURES, check_alert_threshold, figure_moves
 from .config import SamplingConfig
 from .estimators import (
     BootstrapConfig,
@@ -43,6 +44,8 @@ from .semantic import (
     model_device,
 )
 from .sinks import HistoryWriter, read_history, scalar_metrics
+from .sinks.metrics import CHANGE_FIGURES
+from .sinks.rollout_records import DEFAULT_KEEP_POINTS, RolloutRecords, rollout_record
 from .sinks.units import check_units, convert_nested, unit_factor
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,8 @@ logger = logging.getLogger(__name__)
 STATE_KEY = "canopy_monitor"
 # The history as it was at a checkpoint, inside the checkpoint folder.
 CHECKPOINT_HISTORY = Path("canopy_monitor") / "history.jsonl"
+# The run's model, trainer and monitor settings, beside the history.
+RUN_INFO = "run.json"
 
 
 class CanopyMonitorCallback(TrainerCallback):
@@ -71,8 +76,14 @@ class CanopyMonitorCallback(TrainerCallback):
     since the first point with a paired bootstrap interval (`canopy/change/...`). With
     `semantic_every_n_points` it also embeds the rollout texts and logs their semantic
     diversity (`canopy/semantic/...`) and what it cost (`canopy/semantic/seconds`). With
-    W&B active it also logs a table of rollouts and a length-versus-entropy-rate
-    scatter. Each point is appended to `<output_dir>/canopy_monitor/history.jsonl`.
+    W&B active it defines the scalars against `train/global_step` with their summaries
+    and logs a table of rollouts, histograms of length and entropy rate, a
+    length-versus-entropy-rate scatter and charts over training of the headline
+    figures and of the decomposition of CE*; it can send W&B alerts when CE* or rho
+    moves more than a set amount. Each point is appended to
+    `<output_dir>/canopy_monitor/history.jsonl`, and the per-rollout figures of the
+    first and latest points stay in `<output_dir>/canopy_monitor/rollouts/` for
+    `canopy-monitor report`.
 
     Points are taken before the first optimiser step, every `every_n_steps` steps,
     and at the end of training. Sampling leaves the model's training mode and every
@@ -153,6 +164,15 @@ class CanopyMonitorCallback(TrainerCallback):
             Free the embedding model after each semantic point (`True`), keep it loaded
             for the run (`False`), or free it only on a CUDA device with less than 10% of
             its memory free (`None`).
+        rollout_record_points (`int`, *optional*, defaults to `5`):
+            Monitoring points whose per-rollout figures (and the texts of the rollouts kept
+            in the W&B table) stay on disk in `<output_dir>/canopy_monitor/rollouts/` for
+            `canopy-monitor report`: the first point and the latest ones. `0` keeps none.
+        alert_ce_star_change (`float`, *optional*):
+            Warn, and send a W&B alert when W&B is active, when `CE*` moves by more than
+            this amount (in `units`) between two consecutive points. `None` sends none.
+        alert_rho_change (`float`, *optional*):
+            The same for the pooled correlation `rho(N, r_N)` (`canopy/rho_length_rate`).
 
     Raises:
         `PromptError`: the prompts are missing, empty, malformed or too long for the model.
@@ -189,6 +209,9 @@ class CanopyMonitorCallback(TrainerCallback):
         embedding_model: str = DEFAULT_EMBEDDING_MODEL,
         embedding_batch_size: int = DEFAULT_EMBEDDING_BATCH_SIZE,
         free_embedding_model: bool | None = None,
+        rollout_record_points: int = DEFAULT_KEEP_POINTS,
+        alert_ce_star_change: float | None = None,
+        alert_rho_change: float | None = None,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
@@ -214,7 +237,17 @@ class CanopyMonitorCallback(TrainerCallback):
                 "(canopy/rho_length_rate) will be NaN: they need at least 4 rollouts per prompt.",
                 num_rollouts,
             )
+        if isinstance(max_table_rollouts_per_prompt, bool) or not isinstance(max_table_rollouts_per_prompt, int) or (
+            max_table_rollouts_per_prompt < 1
+        ):
+            raise ValueError(
+                f"max_table_rollouts_per_prompt must be a positive integer, got {max_table_rollouts_per_prompt!r}."
+            )
         self.log_rollout_table = log_rollout_table
+        self.alert_thresholds = {
+            "ce_star": check_alert_threshold(alert_ce_star_change, "alert_ce_star_change"),
+            "rho_length_rate": check_alert_threshold(alert_rho_change, "alert_rho_change"),
+        }
         self.max_table_rollouts_per_prompt = max_table_rollouts_per_prompt
         self.strict = strict
         self.units = check_units(units)
@@ -255,8 +288,14 @@ class CanopyMonitorCallback(TrainerCallback):
                 launched,
             )
 
-        self.history_path = Path(trainer.args.output_dir) / "canopy_monitor" / "history.jsonl"
+        monitor_dir = Path(trainer.args.output_dir) / "canopy_monitor"
+        self.history_path = monitor_dir / "history.jsonl"
+        self.rollout_records = RolloutRecords(monitor_dir / "rollouts", keep_points=rollout_record_points)
         self.history: list[dict] = []
+        # (step, scalars) of every point of the run so far, earlier sessions included,
+        # for the W&B charts over training and the alerts.
+        self._points: list[tuple[int, dict]] = []
+        self._wandb_defined_run: str | None = None
         self.num_errors = 0
         self.monitor_seconds_total = 0.0
         self._train_started: float | None = None
@@ -280,6 +319,7 @@ class CanopyMonitorCallback(TrainerCallback):
         if state.is_world_process_zero:
             try:
                 self._prepare_history(args, state)
+                self._write_run_info(args, state)
             except Exception as error:
                 if self.strict:
                     raise
@@ -362,19 +402,28 @@ class CanopyMonitorCallback(TrainerCallback):
     def _prepare_history(self, args, state) -> None:
         global_step = state.global_step
         if global_step == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
             if self.history_path.exists():
                 # A fresh run in a reused output directory: keep the old history beside the new one.
-                previous = _unused_path(self.history_path, time.strftime("%Y%m%d-%H%M%S"))
+                previous = _unused_path(self.history_path, stamp)
                 self.history_path.rename(previous)
                 logger.info("canopy-monitor: moved the history of an earlier run to %s", previous)
+            records = self.rollout_records.directory
+            if records.exists():
+                previous = _unused_path(records, stamp)
+                records.rename(previous)
+                logger.info("canopy-monitor: moved the rollout records of an earlier run to %s", previous)
             self._recorded_steps = set()
             self._failed_steps = set()
             self._baseline = None
             self._baseline_unavailable = False
             self._num_points = 0
+            self._points = []
             return
 
         remaining = self._resumed_history(args, global_step)
+        self._points = [(record["step"], record.get("metrics", {})) for record in remaining]
+        self.rollout_records.drop_after(global_step)
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         recorded = {record["step"] for record in remaining}
         self._num_points = len(remaining)
@@ -408,6 +457,24 @@ class CanopyMonitorCallback(TrainerCallback):
                 "will not be logged in this run.",
                 self.history_path,
             )
+
+    def _write_run_info(self, args, state) -> None:
+        """Write the run's settings to `<output_dir>/canopy_monitor/run.json` for `canopy-monitor report`."""
+        model = self._unwrap(None)
+        info = {
+            "model": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+            "trainer": type(self.trainer).__name__,
+            "run_name": getattr(args, "run_name", None),
+            "max_steps": state.max_steps,
+            "started_at_step": state.global_step,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "monitor": self.settings(),
+        }
+        path = self.history_path.with_name(RUN_INFO)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
 
     def _resumed_history(self, args, global_step: int) -> list[dict]:
         """Return the history up to the checkpoint's step, written back to the history file.
@@ -676,7 +743,10 @@ class CanopyMonitorCallback(TrainerCallback):
         if truncation is not None:
             self._warn_once("truncation", "canopy-monitor: at step %d, %s", step, truncation)
 
+        self._define_wandb_metrics(metrics)
         self._log(control, metrics)
+        previous = self._points[-1] if self._points else None
+        self._points.append((step, metrics))
         record = {
             "step": step,
             "units": self.units,
@@ -688,6 +758,11 @@ class CanopyMonitorCallback(TrainerCallback):
         }
         self.history.append(record)
         HistoryWriter(self.history_path).append(**record)
+        self.rollout_records.write(
+            rollout_record(
+                measurement, step, units=self.units, texts_per_prompt=self.max_table_rollouts_per_prompt
+            )
+        )
 
         factor = unit_factor(self.units)
         semantic_summary = ""
@@ -716,6 +791,9 @@ class CanopyMonitorCallback(TrainerCallback):
         self._record_wandb_settings()
         if self.log_rollout_table:
             self._log_wandb_media(step, measurement)
+        self._log_wandb_charts(step)
+        if previous is not None:
+            self._raise_alerts(*previous, step, metrics)
 
     def _prompt_records(self, measurement: Measurement) -> list[dict]:
         """Return each prompt's text and figures for the history, with its semantic figures when measured."""
@@ -738,6 +816,8 @@ class CanopyMonitorCallback(TrainerCallback):
             "running_positions": list(self.running_positions) if self.running_positions is not None else "default",
             "truncation_warning": self.truncation_threshold,
             "semantic_every_n_points": self.semantic_every_n_points,
+            "rollout_record_points": self.rollout_records.keep_points,
+            **{ALERT_FIGURES[name][0]: threshold for name, threshold in self.alert_thresholds.items()},
         }
         if self.embedder is not None:
             settings["embedding_model"] = self.embedder.model_name
@@ -760,18 +840,49 @@ class CanopyMonitorCallback(TrainerCallback):
                 raise
             self._warn_once("wandb-config", "canopy-monitor: could not record its settings in the W&B config: %s", error)
 
-    def _log_wandb_media(self, step: int, measurement: Measurement) -> None:
+    def _wandb_run(self):
+        """Return the active W&B run when `wandb` is in `report_to`, else `None`."""
         if "wandb" not in (self.trainer.args.report_to or []):
-            return
-        try:
-            import wandb
+            return None
+        import wandb
 
-            if wandb.run is None:
+        return wandb.run
+
+    def _define_wandb_metrics(self, metrics: dict[str, float]) -> None:
+        """Define the scalars against `train/global_step`, with their summaries, once per W&B run."""
+        try:
+            run = self._wandb_run()
+            if run is None or self._wandb_defined_run == run.id:
+                return
+            from .sinks.wandb_media import define_canopy_metrics
+
+            define_canopy_metrics(run, self._metric_names(metrics))
+            self._wandb_defined_run = run.id
+        except Exception as error:
+            if self.strict:
+                raise
+            self._warn_once("wandb-define", "canopy-monitor: could not define its metrics in the W&B run: %s", error)
+
+    def _metric_names(self, metrics: dict[str, float]) -> list[str]:
+        """Return the scalar names of `metrics` and those a later point adds (changes, semantic figures)."""
+        names = set(metrics)
+        for name in list(metrics):
+            figure = name.removeprefix("canopy/")
+            if figure.removesuffix("_ci_low").removesuffix("_ci_high") in CHANGE_FIGURES:
+                names.add(f"canopy/change/{figure}")
+        if self.embedder is not None:
+            names.add("canopy/semantic/seconds")
+        return sorted(names)
+
+    def _log_wandb_media(self, step: int, measurement: Measurement) -> None:
+        try:
+            run = self._wandb_run()
+            if run is None:
                 return
             from .sinks.wandb_media import log_rollout_media
 
             log_rollout_media(
-                wandb.run,
+                run,
                 measurement,
                 step,
                 max_rollouts_per_prompt=self.max_table_rollouts_per_prompt,
@@ -786,6 +897,36 @@ class CanopyMonitorCallback(TrainerCallback):
                 step,
                 error,
             )
+
+    def _log_wandb_charts(self, step: int) -> None:
+        try:
+            run = self._wandb_run()
+            if run is None:
+                return
+            from .sinks.wandb_media import log_training_charts
+
+            log_training_charts(run, self._points, step, units=self.units)
+        except Exception as error:
+            if self.strict:
+                raise
+            self._warn_once(
+                "wandb-charts", "canopy-monitor: could not log the charts over training to W&B at step %d: %s", step, error
+            )
+
+    def _raise_alerts(self, previous_step: int, previous: dict, step: int, metrics: dict) -> None:
+        """Warn, and send a W&B alert when W&B is active, for each figure that moved more than its threshold."""
+        for move in figure_moves(previous_step, previous, step, metrics, self.alert_thresholds):
+            text = move.text(self.units)
+            logger.warning("canopy-monitor: %s", text)
+            try:
+                run = self._wandb_run()
+                if run is not None:
+                    # One second: W&B drops an alert whose title it sent within the wait duration.
+                    run.alert(title=move.title(), text=text, level="WARN", wait_duration=1)
+            except Exception as error:
+                if self.strict:
+                    raise
+                self._warn_once("wandb-alert", "canopy-monitor: could not send a W&B alert: %s", error)
 
     def _time_share(self) -> float:
         """Return the share of the wall time since training began (or resumed) spent monitoring."""

@@ -34,9 +34,11 @@ from typing import Any, Literal
 
 import yaml
 
+from .alerts import check_alert_threshold
 from .estimators import check_confidence, check_running_positions, check_samples
 from .measurement import check_truncation_threshold
 from .rewards import REWARD_FUNCTIONS
+from .sinks.rollout_records import DEFAULT_KEEP_POINTS, check_keep_points
 from .semantic import (
     DEFAULT_EMBEDDING_BATCH_SIZE,
     DEFAULT_EMBEDDING_MODEL,
@@ -175,6 +177,10 @@ class MonitorConfig:
     use_chat_template: bool = True
     batch_size: int | None = None
     log_rollout_table: bool = True
+    max_table_rollouts_per_prompt: int = 4
+    rollout_record_points: int = DEFAULT_KEEP_POINTS
+    alert_ce_star_change: float | None = None
+    alert_rho_change: float | None = None
     strict: bool = False
     units: Literal["nats", "bits"] = "nats"
     bootstrap_samples: int = 1000
@@ -204,6 +210,9 @@ class MonitorConfig:
             if isinstance(self.max_new_tokens, int):
                 check_running_positions(self.running_positions, self.max_new_tokens, "monitor.running_positions")
             check_semantic_every_n_points(self.semantic_every_n_points, "monitor.semantic_every_n_points")
+            check_keep_points(self.rollout_record_points, "monitor.rollout_record_points")
+            check_alert_threshold(self.alert_ce_star_change, "monitor.alert_ce_star_change")
+            check_alert_threshold(self.alert_rho_change, "monitor.alert_rho_change")
             check_embedding_settings(
                 self.embedding_model, self.embedding_batch_size, self.free_embedding_model, prefix="monitor."
             )

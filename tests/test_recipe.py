@@ -185,6 +185,23 @@ def test_batch_size_null_means_from_memory(tmp_path):
     assert load_recipe(write(tmp_path, "model: m\nmonitor: {batch_size: 16}\n")).monitor.batch_size == 16
 
 
+def test_monitor_alert_and_record_settings(tmp_path):
+    text = "model: m\nmonitor: {alert_ce_star_change: 10, alert_rho_change: 0.3, rollout_record_points: 0}\n"
+    monitor = load_recipe(write(tmp_path, text)).monitor
+
+    assert monitor.alert_ce_star_change == 10.0
+    assert monitor.alert_rho_change == 0.3
+    assert monitor.rollout_record_points == 0
+    assert load_recipe(write(tmp_path, "model: m\n")).monitor.alert_ce_star_change is None
+
+
+def test_monitor_alert_and_record_settings_checked(tmp_path):
+    with pytest.raises(RecipeError, match="monitor.alert_ce_star_change must be a positive number"):
+        load_recipe(write(tmp_path, "model: m\nmonitor: {alert_ce_star_change: 0}\n"))
+    with pytest.raises(RecipeError, match="monitor.rollout_record_points must be 0"):
+        load_recipe(write(tmp_path, "model: m\nmonitor: {rollout_record_points: 1}\n"))
+
+
 def test_recipe_error_is_value_error():
     assert issubclass(RecipeError, ValueError)
 

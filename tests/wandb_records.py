@@ -59,18 +59,35 @@ def _wait_until_written(path: Path, timeout: float = 20.0) -> None:
         time.sleep(0.5)
 
 
-def history_rows(run_file: str | Path) -> list[dict[str, str]]:
-    """Return every history row of the run as `{key: value_json}`."""
+def records(run_file: str | Path, kind: str) -> list:
+    """Return the payloads of the run's records of type `kind` (`"history"`, `"metric"`, `"alert"`, ...)."""
     from wandb.proto import wandb_internal_pb2
 
     _wait_until_written(Path(run_file))
-    rows = []
+    found = []
     for payload in _payloads(Path(run_file).read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
-    return rows
+        if record.WhichOneof("record_type") == kind:
+            found.append(getattr(record, kind))
+    return found
+
+
+def history_rows(run_file: str | Path) -> list[dict[str, str]]:
+    """Return every history row of the run as `{key: value_json}`."""
+    return [
+        {item.key or "/".join(item.nested_key): item.value_json for item in history.item}
+        for history in records(run_file, "history")
+    ]
+
+
+def summary_items(run_file: str | Path) -> dict[str, str]:
+    """Return the run's summary as `{key: value_json}`, later updates replacing earlier ones."""
+    items = {}
+    for summary in records(run_file, "summary"):
+        for item in summary.update:
+            items[item.key or "/".join(item.nested_key)] = item.value_json
+    return items
 
 
 def config_items(run_file: str | Path) -> dict[str, str]:

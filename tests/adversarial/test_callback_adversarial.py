@@ -290,7 +290,12 @@ def test_resume_from_checkpoint_no_duplicate_or_lost_steps(tmp_path):
     assert history_steps(tmp_path) == [0, 2, 4, 6, 8]
     # Steps after the checkpoint are repeated, so their points are measured again.
     assert [record["step"] for record in callback.history] == [6, 8]
-    assert list((tmp_path / "canopy_monitor").iterdir()) == [tmp_path / "canopy_monitor" / "history.jsonl"]
+    # A resumed run keeps its files in place: nothing is moved aside as an earlier run's.
+    assert sorted(path.name for path in (tmp_path / "canopy_monitor").iterdir()) == [
+        "history.jsonl",
+        "rollouts",
+        "run.json",
+    ]
 
 
 def test_resume_after_crash_fills_in_the_rest(tmp_path):
