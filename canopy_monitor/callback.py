@@ -351,6 +351,15 @@ class CanopyMonitorCallback(TrainerCallback):
             final = state.max_steps > 0 and state.global_step >= state.max_steps
             self._monitor(state, control, kwargs.get("model"), final=final)
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The last point is taken here rather than in `on_train_end`, because the
+        # TensorBoard, MLflow and trackio integrations close their writer or run in their
+        # own `on_train_end`, which runs before this callback's: a point logged there
+        # would go to a new event file or run. The trainer sets `should_training_stop` at
+        # `max_steps` and when another callback (early stopping) stops training.
+        if control.should_training_stop:
+            self._monitor(state, control, kwargs.get("model"), final=True)
+
     def on_save(self, args, state, control, **kwargs):
         # The Trainer has written the checkpoint folder by now, and the point of this
         # step, if any, was taken before it saved.
