@@ -3,9 +3,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoModelForCausalLM
 
 from canopy_monitor.cli.main import main
 
+from conftest import VOCAB_WORDS
 from hub_stand_ins import write_capybara, write_gsm8k, write_ultrafeedback
 from wandb_records import history_rows
 
@@ -63,6 +65,11 @@ def test_train_end_to_end_with_wandb(recipe, tmp_path, monkeypatch, capsys):
     assert "wandb sync" in output
     assert "canopy/ce_star:" in output
     assert (run_dir / "recipe.yaml").exists()
+    # The LoRA adapter is saved in the output directory, loadable on its base model.
+    assert f"Fine-tuned model: {run_dir}" in output
+    adapter = json.loads((run_dir / "adapter_config.json").read_text())
+    assert adapter["r"] == 4
+    assert (run_dir / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize(
@@ -224,6 +231,9 @@ def test_train_full_weights(model_dir, tmp_path):
     assert [record["step"] for record in read_history(run_dir)] == [0, 1, 2]
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert saved["peft"] is None
+    # All weights are saved, and load as a model of their own.
+    reloaded = AutoModelForCausalLM.from_pretrained(run_dir)
+    assert reloaded.config.vocab_size == len(VOCAB_WORDS)
 
 
 @pytest.mark.parametrize(

@@ -156,13 +156,16 @@ def run(args: argparse.Namespace, extra_argv: Sequence[str]) -> int:
     # trainer_state.json keeps the training log, the rewards of GRPO and RLOO included,
     # also when the recipe saves no checkpoint.
     trainer.save_state()
+    # The fine-tuned weights (the LoRA adapter when the recipe trains one) and the
+    # tokenizer, so that `evaluate` and `compare` can load the result from output_dir.
+    trainer.save_model()
 
     wandb_run_dir = _finish_wandb_run()
     # Under `accelerate launch` every process runs this function, but only the main
     # process wrote the history, so only it prints where the results are.
     if not trainer.is_world_process_zero():
         return 0
-    summary = format_summary(monitor.history_path, wandb_run_dir, wandb_offline)
+    summary = f"Fine-tuned model: {output_dir}\n" + format_summary(monitor.history_path, wandb_run_dir, wandb_offline)
     if recipe.trainer in REWARD_TRAINERS:
         summary += "\n" + format_reward_summary(trainer.state.log_history)
     print(summary)
