@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ from .semantic import (
 from .sinks import HistoryWriter, read_history, scalar_metrics
 from .sinks.metrics import CHANGE_FIGURES
 from .sinks.rollout_records import DEFAULT_KEEP_POINTS, RolloutRecords, rollout_record
-from .sinks.units import check_units, convert_nested, unit_factor
+from .sinks.units import check_units, convert_flat, convert_nested, unit_factor
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +320,6 @@ class CanopyMonitorCallback(TrainerCallback):
         if state.is_world_process_zero:
             try:
                 self._prepare_history(args, state)
-                self._write_run_info(args, state)
             except Exception as error:
                 if self.strict:
                     raise
@@ -328,6 +328,19 @@ class CanopyMonitorCallback(TrainerCallback):
                     "canopy-monitor: could not read the monitoring history in %s (%s: %s); the run goes on "
                     "without the points recorded before this session.",
                     self.history_path,
+                    type(error).__name__,
+                    error,
+                )
+            try:
+                self._write_run_info(args, state)
+            except Exception as error:
+                if self.strict:
+                    raise
+                self._warn_once(
+                    "run-info",
+                    "canopy-monitor: could not write %s (%s: %s), so canopy-monitor report will not show the model, "
+                    "max_steps or the monitor settings.",
+                    self.history_path.with_name(RUN_INFO),
                     type(error).__name__,
                     error,
                 )
@@ -348,7 +361,10 @@ class CanopyMonitorCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every_n_steps == 0:
-            final = state.max_steps > 0 and state.global_step >= state.max_steps
+            # NOTE: a callback that stops training after this one's `on_step_end` (early
+            # stopping on step evaluations) is not seen here, so that last point may
+            # skip its semantic figures.
+            final = control.should_training_stop or (state.max_steps > 0 and state.global_step >= state.max_steps)
             self._monitor(state, control, kwargs.get("model"), final=final)
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -357,6 +373,13 @@ class CanopyMonitorCallback(TrainerCallback):
         # own `on_train_end`, which runs before this callback's: a point logged there
         # would go to a new event file or run. The trainer sets `should_training_stop` at
         # `max_steps` and when another callback (early stopping) stops training.
+        if control.should_training_stop:
+            self._monitor(state, control, kwargs.get("model"), final=True)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # With evaluation once per epoch, an early-stopping callback sets `should_training_stop`
+        # in its `on_evaluate`, after this callback's `on_epoch_end`. The last point is taken now,
+        # before the integrations close their runs in `on_train_end`.
         if control.should_training_stop:
             self._monitor(state, control, kwargs.get("model"), final=True)
 
@@ -431,7 +454,7 @@ class CanopyMonitorCallback(TrainerCallback):
             return
 
         remaining = self._resumed_history(args, global_step)
-        self._points = [(record["step"], record.get("metrics", {})) for record in remaining]
+        self._points = [(record["step"], _metrics_in_units(record, self.units)) for record in remaining]
         self.rollout_records.drop_after(global_step)
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         recorded = {record["step"] for record in remaining}
@@ -767,11 +790,7 @@ class CanopyMonitorCallback(TrainerCallback):
         }
         self.history.append(record)
         HistoryWriter(self.history_path).append(**record)
-        self.rollout_records.write(
-            rollout_record(
-                measurement, step, units=self.units, texts_per_prompt=self.max_table_rollouts_per_prompt
-            )
-        )
+        self._write_rollout_record(step, measurement)
 
         factor = unit_factor(self.units)
         semantic_summary = ""
@@ -803,6 +822,28 @@ class CanopyMonitorCallback(TrainerCallback):
         self._log_wandb_charts(step)
         if previous is not None:
             self._raise_alerts(*previous, step, metrics)
+
+    def _write_rollout_record(self, step: int, measurement: Measurement) -> None:
+        """Write the point's per-rollout record. A failure is logged once and counted, and the point goes on."""
+        try:
+            self.rollout_records.write(
+                rollout_record(
+                    measurement, step, units=self.units, texts_per_prompt=self.max_table_rollouts_per_prompt
+                )
+            )
+        except Exception as error:
+            if self.strict:
+                raise
+            self.num_errors += 1
+            self._warn_once(
+                "rollout-records",
+                "canopy-monitor: could not write the rollout record of step %d to %s, so the report will lack it. "
+                "Cause: %s: %s",
+                step,
+                self.rollout_records.directory,
+                type(error).__name__,
+                error,
+            )
 
     def _prompt_records(self, measurement: Measurement) -> list[dict]:
         """Return each prompt's text and figures for the history, with its semantic figures when measured."""
@@ -950,6 +991,22 @@ class CanopyMonitorCallback(TrainerCallback):
             return
         self._reported_causes.add(cause)
         logger.warning(message, *args)
+
+
+def _metrics_in_units(record: dict, units: str) -> dict[str, float]:
+    """Return a history record's scalars converted to `units`, NaN where the history has `null`."""
+    metrics = record.get("metrics")
+    if not isinstance(metrics, dict):
+        return {}
+    values = {
+        name: math.nan if value is None else float(value)
+        for name, value in metrics.items()
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    }
+    try:
+        return convert_flat(values, units, from_units=record.get("units", "nats"))
+    except ValueError:
+        return {}
 
 
 def _launched_processes() -> int:

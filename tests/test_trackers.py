@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,13 +224,17 @@ def test_mlflow_point_at_train_end_in_same_run(tmp_path, mlflow_store):
 def trackio_dir(tmp_path_factory):
     """Import trackio with its storage folder in a temporary folder.
 
-    trackio reads `TRACKIO_DIR` once, when it is imported, so the variable is set
-    before the import. Each test logs to its own project inside that folder.
+    trackio reads `TRACKIO_DIR` once, when it is imported, and its modules copy the
+    path. An earlier test of the session may have imported it already, so the copies
+    are replaced too. Each test logs to its own project inside that folder.
     """
     directory = tmp_path_factory.mktemp("trackio")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRACKIO_DIR", str(directory))
         pytest.importorskip("trackio")
+        for name, module in list(sys.modules.items()):
+            if (name == "trackio" or name.startswith("trackio.")) and hasattr(module, "TRACKIO_DIR"):
+                patch.setattr(module, "TRACKIO_DIR", directory)
         yield directory
 
 

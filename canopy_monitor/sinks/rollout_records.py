@@ -145,6 +145,8 @@ def read_rollout_records(directory: str | os.PathLike) -> list[dict]:
         if not isinstance(record, dict) or not isinstance(record.get("prompts"), list):
             continue
         for prompt in record["prompts"]:
+            if not isinstance(prompt, dict):
+                continue
             for key in ("entropy_sums", "entropy_rates", "diversity"):
                 if isinstance(prompt.get(key), list):
                     prompt[key] = [math.nan if value is None else value for value in prompt[key]]

@@ -149,12 +149,18 @@ def log_rollout_media(
     cap = measurement.config.max_new_tokens
     width = math.ceil(cap / 64)
     length_edges = numpy.arange(0.5, cap + width + 0.5, width)
+    # numpy.histogram rejects NaN and infinite values, so the histogram leaves them out. The table and the
+    # scatter keep them.
+    finite_rates = [rate for rate in rates if math.isfinite(rate)]
+    histograms = {}
+    if finite_rates:
+        histograms["canopy/entropy_rate_histogram"] = wandb.Histogram(finite_rates, num_bins=32)
     run.log(
         {
+            **histograms,
             "canopy/rollouts": table,
             "canopy/length_vs_entropy_rate": scatter,
             "canopy/length_histogram": wandb.Histogram(np_histogram=numpy.histogram(lengths, bins=length_edges)),
-            "canopy/entropy_rate_histogram": wandb.Histogram(rates, num_bins=32),
             STEP_METRIC: step,
         }
     )
