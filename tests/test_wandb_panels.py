@@ -12,7 +12,7 @@ import pytest
 
 from canopy_monitor import CanopyMonitorCallback
 from canopy_monitor.alerts import check_alert_threshold, figure_moves
-from canopy_monitor.sinks.wandb_media import metric_summary
+from canopy_monitor.sinks.wandb_media import BAND_CHARTS, metric_summary
 
 from test_callback import HELDOUT, make_trainer, read_history
 from wandb_records import history_rows, records, summary_items
@@ -141,21 +141,31 @@ def test_decomposition_chart_holds_every_point(wandb_run):
         assert total == pytest.approx(length_driven + conveyance, rel=1e-9)
 
 
-def test_band_chart_holds_interval(wandb_run):
+@pytest.mark.parametrize("name", list(BAND_CHARTS))
+def test_band_chart_holds_interval(wandb_run, name):
     run_file, output_dir = wandb_run
     history = read_history(output_dir)
-    row = [row for row in history_rows(run_file) if "canopy/charts/ce_star_table/path" in row][-1]
+    row = [row for row in history_rows(run_file) if f"canopy/charts/{name}_table/path" in row][-1]
 
-    data = chart_table(run_file, row, "canopy/charts/ce_star")
+    data = chart_table(run_file, row, f"canopy/charts/{name}")
 
     by_key = {}
     for step, key, value in data:
         by_key.setdefault(key, []).append(value)
-    assert by_key["CE*"] == pytest.approx([record["metrics"]["canopy/ce_star"] for record in history])
-    assert by_key["interval low"] == pytest.approx([record["metrics"]["canopy/ce_star_ci_low"] for record in history])
-    assert by_key["interval high"] == pytest.approx(
-        [record["metrics"]["canopy/ce_star_ci_high"] for record in history]
-    )
+    # A series leaves out the points where its value is NaN (`null` in the history).
+    for key, suffix in [(BAND_CHARTS[name], ""), ("interval low", "_ci_low"), ("interval high", "_ci_high")]:
+        expected = [record["metrics"][f"canopy/{name}{suffix}"] for record in history]
+        expected = [value for value in expected if value is not None]
+        assert by_key.get(key, []) == pytest.approx(expected), key
+
+
+def test_scatter_table_names_prompts(wandb_run):
+    run_file, _ = wandb_run
+    row = [row for row in history_rows(run_file) if "canopy/length_vs_entropy_rate_table/path" in row][0]
+
+    data = chart_table(run_file, row, "canopy/length_vs_entropy_rate")
+
+    assert [prompt_index for _, _, prompt_index in data] == [index for index in range(3) for _ in range(NUM_ROLLOUTS)]
 
 
 def test_band_chart_skips_nan_values(tmp_path, monkeypatch):

@@ -279,7 +279,13 @@ def length_histogram_figure(run: Run) -> Figure | None:
         if point.cap is not None:
             axes.axvline(point.cap, label=f"cap T = {point.cap}", **CAP_STYLE)
         truncated = int(point.truncated.sum())
-        axes.set_title(f"step {point.step}: {truncated} of {point.lengths.size} rollouts cut at the cap")
+        title = f"step {point.step}: {truncated} of {point.lengths.size} rollouts cut at the cap"
+        if point.cap is not None:
+            # A rollout whose end-of-sequence token is its T-th token ends at the cap without being cut.
+            at_cap = int((lengths == point.cap).sum())
+            if at_cap != truncated:
+                title = f"step {point.step}: {at_cap} of {point.lengths.size} rollouts at the cap, {truncated} of them cut"
+        axes.set_title(title)
         axes.set_xlabel("length N (tokens)")
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(loc="best", fontsize="small")

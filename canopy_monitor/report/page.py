@@ -98,7 +98,7 @@ def build_figures(run: Run) -> tuple[list[ReportFigure], dict[str, str]]:
     else:
         missing["semantic"] = (
             "Semantic diversity was not measured in this run. Turn it on with the callback's "
-            "semantic_every_n_points (it needs the semantic extra, pip install canopy-monitor[semantic])."
+            "semantic_every_n_points (it needs the semantic extra, pip install -e \".[semantic]\" in the repository)."
         )
     return drawn, missing
 
@@ -144,7 +144,9 @@ def write_report(run_directory: str | os.PathLike, output_directory: str | os.Pa
     except OSError as error:
         raise ValueError(f"cannot write the report to {output}: {error.strerror or error}") from None
 
-    logger.info("canopy-monitor report: %d points, %d figures written to %s", len(run.points), len(images), output)
+    logger.info(
+        "canopy-monitor report: %d monitoring point(s), %d figure(s) written to %s", len(run.points), len(images), output
+    )
     return page
 
 
@@ -342,7 +344,8 @@ def _histogram_caption(run: Run) -> str:
     return " ".join(
         [
             f"The number of rollouts of each length at {_compared_steps(run)}, on the same bins.",
-            "Rollouts cut at the cap pile up in the last bin, at the dashed line. A growing pile there means the "
+            "Rollouts cut at the cap pile up in the last bin, at the dashed line, with the few that ended exactly "
+            "at the cap. The panel title counts both. A growing pile there means the "
             "cap, not the model, sets more of the length, and CE* then describes the capped process. Then raise "
             "the cap or read the completed-only figures (canopy/completed/...). Mass moving left means shorter answers.",
         ]

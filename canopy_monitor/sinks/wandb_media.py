@@ -27,6 +27,8 @@ BAND_CHARTS = {
     "mean_length": "Mean length",
     "rho_length_rate": "rho(N, r)",
     "truncation_rate": "Truncation rate",
+    # On the scale of CE* the conveyance part is often too small to see, so it gets its own chart.
+    "conveyance": "Conveyance Cov(N, r)",
 }
 # The decomposition CE* = E[N]·E[r] + Cov(N, r), as chart series.
 DECOMPOSITION_SERIES = {
@@ -140,7 +142,14 @@ def log_rollout_media(
     table = wandb.Table(columns=ROLLOUT_COLUMNS, data=rollout_rows(measurement, step, max_rollouts_per_prompt, units))
     lengths = [int(length) for rollouts in measurement.rollouts for length in rollouts.stats.lengths]
     rates = [float(rate) * factor for rollouts in measurement.rollouts for rate in rollouts.stats.entropy_rates]
-    scatter_table = wandb.Table(columns=["length", "entropy_rate"], data=[list(pair) for pair in zip(lengths, rates)])
+    # The prompt column lets a W&B custom chart colour the points by prompt.
+    prompt_indices = [
+        index for index, rollouts in enumerate(measurement.rollouts) for _ in range(rollouts.stats.num_rollouts)
+    ]
+    scatter_table = wandb.Table(
+        columns=["length", "entropy_rate", "prompt_index"],
+        data=[list(row) for row in zip(lengths, rates, prompt_indices)],
+    )
     scatter = wandb.plot.scatter(
         scatter_table, "length", "entropy_rate", title=f"Rollout length vs entropy rate (step {step})"
     )
