@@ -181,6 +181,34 @@ def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
     return base
 
 
+def check_model_config(name_or_path: str, *, cache_dir: str | os.PathLike | None = None) -> str:
+    """Resolve a model and load only its config, so that a missing or broken model fails in seconds.
+
+    For a PEFT adapter directory the config of its base model is loaded.
+
+    Returns:
+        `str`: the adapter's base model as its config names it, or `name_or_path` itself.
+
+    Raises:
+        ModelNotFoundError: the model or its adapter's base model cannot be found, or its config
+            cannot be loaded.
+    """
+    from transformers import AutoConfig
+
+    resolved = resolve_model_path(name_or_path, cache_dir=cache_dir)
+    described = repr(name_or_path)
+    model = name_or_path
+    if is_adapter_directory(resolved):
+        model = adapter_base_model(resolved)
+        resolved = resolve_model_path(model, cache_dir=cache_dir)
+        described = f"{model!r} (the base model of adapter {name_or_path!r})"
+    try:
+        AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"Model {described} could not be loaded ({_one_line(error)}): {_ACCEPTED}.") from None
+    return model
+
+
 def _load_causal_lm(resolved: str, described: str, torch_dtype):
     """Load `resolved` with `AutoModelForCausalLM`; `described` names the model in errors."""
     from transformers import AutoModelForCausalLM

@@ -32,7 +32,7 @@ from ..comparison import (
 from ..config import SamplingConfig
 from ..estimators import default_running_positions, pool_prompts
 from ..measurement import Measurement, check_truncation_threshold, format_share, measure
-from ..models import adapter_base_model, is_adapter_directory, load_model_and_tokenizer, resolve_model_path
+from ..models import check_model_config, is_adapter_directory, load_model_and_tokenizer, resolve_model_path
 from ..prompts import Prompt
 from ..semantic import SentenceEmbedder
 from ..sinks.json_report import measurement_report
@@ -269,10 +269,8 @@ def _describe_model(reference: str) -> dict[str, Any]:
     Raises:
         `ModelNotFoundError`: the reference, or an adapter's base model, resolves to no model.
     """
-    resolved = resolve_model_path(reference)
-    if is_adapter_directory(resolved):
-        base = adapter_base_model(resolved)
-        resolve_model_path(base)
+    base = check_model_config(reference)
+    if is_adapter_directory(resolve_model_path(reference)):
         return {"kind": "adapter", "model": reference, "adapter_base_model": base}
     return {"kind": "model", "model": reference}
 
@@ -339,7 +337,32 @@ def _prepare_outputs(args: argparse.Namespace) -> dict[str, Path]:
             if not is_saved_result(getattr(args, side)):
                 prepare_output(folder / f"{side}.json", option="--save-results")
         outputs["results"] = folder
+    _check_distinct_paths(args, outputs)
     return outputs
+
+
+def _check_distinct_paths(args: argparse.Namespace, outputs: dict[str, Path]) -> None:
+    """Raise `ValueError` when two outputs are one file, or an output is a saved result read as input."""
+    taken = {
+        Path(getattr(args, side)).expanduser().resolve(): f"--{side} {getattr(args, side)!r}"
+        for side in SIDES
+        if is_saved_result(getattr(args, side))
+    }
+    written = [(f"--{option}", outputs[option]) for option in ("output", "markdown") if option in outputs]
+    if "results" in outputs:
+        written += [
+            ("--save-results", outputs["results"] / f"{side}.json")
+            for side in SIDES
+            if not is_saved_result(getattr(args, side))
+        ]
+    for option, path in written:
+        key = path.expanduser().resolve()
+        if key in taken:
+            raise ValueError(
+                f"{option} {str(path)!r} is the same file as {taken[key]}. Give each output its own path, "
+                "apart from the saved results read as input."
+            )
+        taken[key] = f"{option} {str(path)!r}"
 
 
 def _truncation_warning(side: str, result: ComparisonSide, config: SamplingConfig, threshold: float) -> str | None:

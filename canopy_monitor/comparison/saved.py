@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..config import SamplingConfig
 from ..estimators import PromptEstimates, SemanticPromptEstimates, estimate_semantic_prompt
 from ..prompts import Prompt
 from ..semantic import SentenceEmbedder
@@ -25,6 +26,16 @@ from ..sinks.units import UNITS, convert_nested
 # `SamplingConfig` fields that must be equal on both sides of a comparison. The batch
 # size is left out: the sampler's own loop draws the same rollouts for any batch size.
 SAMPLING_FIELDS = ("num_rollouts", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "use_chat_template")
+# The JSON type of each saved sampling setting, and its name in errors.
+_SETTING_TYPES = {
+    "num_rollouts": (int, "an integer"),
+    "max_new_tokens": (int, "an integer"),
+    "temperature": ((int, float), "a number"),
+    "top_k": (int, "an integer"),
+    "top_p": ((int, float), "a number"),
+    "seed": (int, "an integer"),
+    "use_chat_template": (bool, "true or false"),
+}
 
 
 def is_saved_result(reference: str) -> bool:
@@ -109,6 +120,7 @@ def _parse_result(document: Any, path: str) -> SavedResult:
     if units not in UNITS:
         raise ValueError(f"config.units is {units!r}, expected one of {', '.join(UNITS)}")
     settings = {name: config[name] for name in SAMPLING_FIELDS}
+    _check_settings(settings)
     entries = convert_nested(entries, "nats", from_units=units)
 
     prompts, estimates, rollouts, semantic = [], [], [], []
@@ -138,6 +150,16 @@ def _parse_result(document: Any, path: str) -> SavedResult:
         semantic=semantic if has_semantic else None,
         embedding_model=document["semantic"].get("embedding_model") if has_semantic else None,
     )
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    """Raise `ValueError` unless each saved sampling setting has its type and a valid value."""
+    for name, (expected, described) in _SETTING_TYPES.items():
+        value = settings[name]
+        # JSON true and false are Python bools, which are also ints.
+        if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+            raise ValueError(f"config.{name} is {value!r}, expected {described}")
+    SamplingConfig(**settings)
 
 
 def _number(value) -> float:

@@ -180,6 +180,12 @@ def _figure_changes(
         relatives = {name: _relative(deltas[name], replicates_before[name]) for name in names}
         intervals = percentile_intervals(deltas, bootstrap.confidence)
         relative_intervals = percentile_intervals(relatives, bootstrap.confidence)
+        for name in names:
+            # A resample with a base of 0 and a nonzero delta has an infinite relative
+            # change. Leaving it out would describe only the other resamples, so the
+            # relative interval is undefined instead.
+            if bool(((replicates_before[name] == 0) & (deltas[name] != 0)).any()):
+                relative_intervals[name] = (math.nan, math.nan)
 
     nan_pair = (math.nan, math.nan)
     changes = {}
