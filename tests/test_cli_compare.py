@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -366,7 +367,21 @@ def test_missing_model_fails_before_sampling(model_dir, prompts_file, tmp_path, 
     code = compare(model_dir, tmp_path / "no-such-model", prompts_file, tmp_path / "out.json")
 
     assert code == 2
-    assert "no-such-model" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "no-such-model" in error
+    # Both options take the same kinds of reference, so the message names the one at fault.
+    assert "--tuned: " in error
+
+
+def test_outputs_readable_as_new_files(model_dir, prompts_file, tmp_path):
+    output = tmp_path / "out.json"
+
+    code = compare(model_dir, model_dir, prompts_file, output)
+
+    assert code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert output.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # Models: PEFT adapters

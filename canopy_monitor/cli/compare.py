@@ -32,7 +32,7 @@ from ..comparison import (
 from ..config import SamplingConfig
 from ..estimators import default_running_positions, pool_prompts
 from ..measurement import Measurement, check_truncation_threshold, format_share, measure
-from ..models import check_model_config, is_adapter_directory, load_model_and_tokenizer, resolve_model_path
+from ..models import ModelNotFoundError, check_model_config, is_adapter_directory, load_model_and_tokenizer, resolve_model_path
 from ..prompts import Prompt
 from ..semantic import SentenceEmbedder
 from ..sinks.json_report import measurement_report
@@ -110,7 +110,17 @@ def run(args: argparse.Namespace) -> int:
     for side, result in saved.items():
         check_saved_prompts(result, prompts, f"--{side}")
     # A missing model or adapter base fails here, before any sampling time is spent.
-    descriptions = {side: _describe_model(getattr(args, side)) for side in SIDES if side not in saved}
+    descriptions = {}
+    for side in SIDES:
+        if side in saved:
+            continue
+        try:
+            descriptions[side] = _describe_model(getattr(args, side))
+        except ModelNotFoundError as error:
+            # Name the option, because both sides take the same kinds of reference.
+            raise ModelNotFoundError(
+                f"--{side}: {error} It may also be the .json result of canopy-monitor evaluate."
+            ) from None
     device = resolve_device(args.device)
     outputs = _prepare_outputs(args)
     if embedder is not None and any(

@@ -395,6 +395,11 @@ def write_atomically(output: Path, text: str, option: str = "--output") -> None:
         ) as handle:
             temporary = Path(handle.name)
             handle.write(text)
+        # NamedTemporaryFile creates the file readable by its owner only; the result
+        # gets the mode of any new file instead (0666 less the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, output)
     except OSError as error:
         if temporary is not None:
