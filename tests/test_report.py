@@ -492,3 +492,28 @@ def test_empty_history_exits_2(tmp_path, capsys):
 
     assert code == 2
     assert "has no complete monitoring point" in capsys.readouterr().err
+
+
+def test_unreadable_middle_line_warns(tmp_path, caplog):
+    history = tmp_path / "canopy_monitor" / "history.jsonl"
+    history.parent.mkdir()
+    point = '{"step": %d, "units": "nats", "metrics": {"canopy/ce_star": 1.0}}'
+    # The partial last line may be a point being written, so only the middle line counts.
+    history.write_text(f"{point % 0}\ngarbage{{\n{point % 2}\n{{\"step\": 4, \"metr", encoding="utf-8")
+
+    code = main(["report", str(tmp_path), "--output", str(tmp_path / "out")])
+
+    assert code == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any(message.startswith("1 line(s) of") for message in warnings)
+
+
+def test_unreadable_history_exits_2(tmp_path, capsys):
+    history = tmp_path / "canopy_monitor" / "history.jsonl"
+    history.parent.mkdir()
+    history.write_text("garbage{\n[1, 2]\n", encoding="utf-8")
+
+    code = main(["report", str(tmp_path)])
+
+    assert code == 2
+    assert "has no readable monitoring point: 2 line(s)" in capsys.readouterr().err

@@ -12,6 +12,7 @@ skipped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import numpy as np
 from ..sinks.history import read_history
 from ..sinks.rollout_records import read_rollout_records
 from ..sinks.units import check_units, convert_flat, unit_factor
+
+logger = logging.getLogger(__name__)
 
 MONITOR_FOLDER = "canopy_monitor"
 HISTORY_FILE = "history.jsonl"
@@ -164,6 +167,18 @@ def find_monitor_directory(run_directory: str | os.PathLike) -> Path:
     )
 
 
+def _complete_lines(path: Path) -> int:
+    """Return the number of non-blank lines of `path`, leaving out a last line without its line ending.
+
+    A run that is still training may be writing that last line, so it is not yet a
+    point to warn about.
+    """
+    text = path.read_bytes()
+    lines = text.split(b"\n")
+    # After the last line ending, `split` leaves the partial line, or b"" when there is none.
+    return sum(1 for line in lines[:-1] if line.strip())
+
+
 def load_run(run_directory: str | os.PathLike) -> Run:
     """Read the history, rollout records and `run.json` of a monitored run.
 
@@ -177,8 +192,20 @@ def load_run(run_directory: str | os.PathLike) -> Run:
     monitor_directory = find_monitor_directory(run_directory)
     history_path = monitor_directory / HISTORY_FILE
     raw_points = read_history(history_path)
+    skipped = _complete_lines(history_path) - len(raw_points)
     if not raw_points:
+        if skipped > 0:
+            raise ValueError(
+                f"the history {history_path} has no readable monitoring point: {skipped} line(s) are not "
+                "monitoring points written by CanopyMonitorCallback"
+            )
         raise ValueError(f"the history {history_path} has no complete monitoring point yet")
+    if skipped > 0:
+        logger.warning(
+            "%d line(s) of %s are not monitoring points written by CanopyMonitorCallback and were left out",
+            skipped,
+            history_path,
+        )
 
     # A run resumed from a checkpoint may have written a step twice, and then the later line wins.
     by_step = {point["step"]: point for point in raw_points}
