@@ -368,9 +368,9 @@ class CanopyMonitorCallback(TrainerCallback):
             self._monitor(state, control, kwargs.get("model"), final=final)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        # The last point is taken here rather than in `on_train_end`, because the
-        # TensorBoard, MLflow and trackio integrations close their writer or run in their
-        # own `on_train_end`, which runs before this callback's: a point logged there
+        # The last point is taken here rather than in `on_train_end`. The TensorBoard,
+        # MLflow and trackio integrations close their writer or run in their own
+        # `on_train_end`, which runs before this callback's, so a point logged there
         # would go to a new event file or run. The trainer sets `should_training_stop` at
         # `max_steps` and when another callback (early stopping) stops training.
         if control.should_training_stop:

@@ -353,7 +353,7 @@ def _prepare_outputs(args: argparse.Namespace) -> dict[str, Path]:
 
 def _check_distinct_paths(args: argparse.Namespace, outputs: dict[str, Path]) -> None:
     """Raise `ValueError` when two outputs are one file, or an output is a saved result read as input."""
-    taken = {
+    claimed_paths = {
         Path(getattr(args, side)).expanduser().resolve(): f"--{side} {getattr(args, side)!r}"
         for side in SIDES
         if is_saved_result(getattr(args, side))
@@ -367,12 +367,12 @@ def _check_distinct_paths(args: argparse.Namespace, outputs: dict[str, Path]) ->
         ]
     for option, path in written:
         key = path.expanduser().resolve()
-        if key in taken:
+        if key in claimed_paths:
             raise ValueError(
-                f"{option} {str(path)!r} is the same file as {taken[key]}. Give each output its own path, "
+                f"{option} {str(path)!r} is the same file as {claimed_paths[key]}. Give each output its own path, "
                 "apart from the saved results read as input."
             )
-        taken[key] = f"{option} {str(path)!r}"
+        claimed_paths[key] = f"{option} {str(path)!r}"
 
 
 def _truncation_warning(side: str, result: ComparisonSide, config: SamplingConfig, threshold: float) -> str | None:

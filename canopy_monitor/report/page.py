@@ -196,7 +196,7 @@ def render_page(run: Run, drawn: list[ReportFigure], images: dict[str, bytes], m
 
 
 def _text(value) -> str:
-    # A path with bytes that are not UTF-8 holds lone surrogates (Python's surrogateescape).
+    # Python decodes a path with bytes that are not UTF-8 into lone surrogates (surrogateescape).
     # UTF-8 cannot encode them, so they are shown as U+FFFD.
     text = str(value).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     return html.escape(text, quote=True)

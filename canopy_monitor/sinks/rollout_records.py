@@ -12,7 +12,7 @@ Each point is one JSON file, `<output_dir>/canopy_monitor/rollouts/step-00000030
 rollout of the prompt, and `texts` the first few, each cut to a maximum length.
 Only the first point and the latest ones are kept, so the folder stays bounded
 however long the run is. Files are written atomically, so a reader of a run that
-is still training sees whole files.
+is still training reads only whole files.
 """
 
 from __future__ import annotations
